@@ -1,0 +1,31 @@
+# make reproduce: every committed result; make test: the CPU test suite. Both create .venv first.
+SHELL := /bin/bash
+PY := .venv/bin/python
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export WANDB_MODE ?= offline
+export PYTHONHASHSEED := 0
+
+.PHONY: venv test reproduce reproduce-toy2d toy2d-weights clean
+
+venv: .venv/.installed
+
+.venv/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[slurm,dev]"
+	touch $@
+
+test: venv
+	WANDB_MODE=disabled $(PY) -m pytest -q tests
+
+reproduce: reproduce-toy2d
+
+reproduce-toy2d: venv
+	$(PY) -m eval.reproduce_toy2d
+
+toy2d-weights: venv
+	$(PY) -m toy2d.train
+
+clean:
+	rm -rf outputs multirun .pytest_cache

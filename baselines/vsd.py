@@ -1,0 +1,106 @@
+"""Variational score distillation (VSD, ProlificDreamer) in VE coordinates.
+
+``grad = w(σ)(ε̂_cfg(z, σ) − ε̂_φ(z, σ))`` with ``z = x + σ ε``; target ``y = x − grad``. ε̂_φ models the
+distribution of the current particles and is trained online by denoising score matching on the
+detached particles, ``E_{σ, n} ‖ε̂_φ(x + σ n, σ) − n‖²`` (σ uniform in schedule time over [0, 1]),
+``phi_steps`` Adam steps per guidance call, after the gradient is formed (ProlificDreamer's order).
+
+Like ProlificDreamer's LoRA, ε̂_φ starts as the unguided prior: ``ε̂_φ = ε̂_base + r_φ`` with a
+zero-initialised residual MLP ``r_φ([x·α(σ), log σ / 4])`` over the flattened sample (fine for
+low-dimensional samples; an image prior passes its own ``particle_model``, e.g. a LoRA-adapted UNet).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from baselines.sds import NoisedGuidance
+from msd.denoiser import Denoiser, GuidedDenoiser, per_sample
+from msd.guidance import GuidanceOutput, register, require, summarize
+from msd.schedules import WEIGHTINGS, TimestepSampler, distillation_weight
+
+
+class ResidualDenoiser(nn.Module, Denoiser):
+    """ε̂_φ(x, σ) = ε̂_base(x, σ) + r_φ(x, σ): a frozen prior plus a trainable, zero-initialised MLP."""
+
+    def __init__(self, base: Denoiser, dim: int, hidden: int, layers: int, generator: torch.Generator):
+        super().__init__()
+        self.base, self.vp = base, base.vp
+        widths = [dim + 1] + [hidden] * layers
+        blocks: list[nn.Module] = []
+        for fan_in, fan_out in zip(widths[:-1], widths[1:]):
+            blocks += [self._linear(fan_in, fan_out, generator), nn.SiLU()]
+        head = nn.Linear(hidden, dim)
+        nn.init.zeros_(head.weight), nn.init.zeros_(head.bias)
+        self.residual = nn.Sequential(*blocks, head)
+
+    @staticmethod
+    def _linear(fan_in: int, fan_out: int, generator: torch.Generator) -> nn.Linear:
+        layer = nn.Linear(fan_in, fan_out)
+        with torch.no_grad():
+            layer.weight.copy_(torch.randn(fan_out, fan_in, generator=generator) / math.sqrt(fan_in))
+            layer.bias.zero_()
+        return layer
+
+    def eps(self, x: Tensor, sigma: Tensor) -> Tensor:
+        with torch.no_grad():
+            eps_base = self.base.eps(x, sigma).detach()
+        scale = per_sample(1.0 / torch.sqrt(1.0 + sigma**2), x)
+        features = torch.cat([(x * scale).flatten(1), (sigma.clamp_min(1e-8).log() / 4)[:, None]], dim=1)
+        return eps_base + self.residual(features).reshape(x.shape)
+
+
+@register("vsd")
+class VSDGuidance(NoisedGuidance):
+    def __init__(self, denoiser: Denoiser, weighting: str = "sds", phi_lr: float = 1e-3, phi_steps: int = 1,
+                 phi_hidden: int = 64, phi_layers: int = 3, particle_model: Denoiser | None = None,
+                 **timestep_kwargs):
+        require(weighting in WEIGHTINGS, "guidance.weighting", f"one of {WEIGHTINGS}", weighting)
+        require(phi_lr > 0, "guidance.phi_lr", "> 0", phi_lr)
+        require(phi_steps >= 0, "guidance.phi_steps", ">= 0", phi_steps)
+        require(phi_hidden >= 1 and phi_layers >= 1, "guidance.phi_hidden/phi_layers", ">= 1", (phi_hidden, phi_layers))
+        super().__init__(denoiser, **timestep_kwargs)
+        self.weighting, self.phi_lr, self.phi_steps = weighting, float(phi_lr), int(phi_steps)
+        self.phi_hidden, self.phi_layers = int(phi_hidden), int(phi_layers)
+        self.phi_timesteps = TimestepSampler(self.noise_schedule, 0.0, 1.0)
+        self.particle_model, self.phi_optimizer = particle_model, None
+        if particle_model is not None:
+            self.phi_optimizer = torch.optim.Adam(particle_model.parameters(), lr=self.phi_lr)
+
+    def _ensure_particle_model(self, x: Tensor, generator: torch.Generator | None) -> None:
+        """Build ε̂_φ on the first call, once the sample dimension is known (seeded from ``generator``)."""
+        if self.particle_model is not None:
+            return
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        base = self.denoiser.main if isinstance(self.denoiser, GuidedDenoiser) else self.denoiser
+        self.particle_model = ResidualDenoiser(base, x[0].numel(), self.phi_hidden, self.phi_layers,
+                                               torch.Generator().manual_seed(seed)).to(x.device, x.dtype)
+        self.phi_optimizer = torch.optim.Adam(self.particle_model.parameters(), lr=self.phi_lr)
+
+    def train_particle_model(self, x: Tensor, generator: torch.Generator | None) -> float:
+        """``phi_steps`` Adam steps of denoising score matching on the detached particles; last loss."""
+        loss = torch.zeros(())
+        for _ in range(self.phi_steps):
+            sigma = self.phi_timesteps.sample(x.shape[0], 0, generator, dtype=x.dtype, device=x.device)
+            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+            prediction = self.particle_model.eps(x + per_sample(sigma, x) * noise, sigma)
+            loss = (prediction - noise).pow(2).flatten(1).sum(dim=1).mean()
+            self.phi_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.phi_optimizer.step()
+        return float(loss.detach())
+
+    def __call__(self, x: Tensor, step: int, generator: torch.Generator | None = None) -> GuidanceOutput:
+        x = x.detach()
+        self._ensure_particle_model(x, generator)
+        sigma, noise = self.draw(x, step, generator)
+        z = x + per_sample(sigma, x) * noise
+        with torch.no_grad():
+            eps_prior = self.denoiser.eps(z, sigma)
+            eps_particles = self.particle_model.eps(z, sigma)
+            target = x - per_sample(distillation_weight(sigma, self.weighting), x) * (eps_prior - eps_particles)
+        phi_loss = self.train_particle_model(x, generator)
+        nfe = self.denoiser.evaluations_per_call + 1 + self.phi_steps
+        return GuidanceOutput(target, summarize(x, target, sigma=sigma.mean(), phi_loss=phi_loss, nfe=nfe))

@@ -1,0 +1,90 @@
+"""The Denoiser protocol and guidance combinators (CFG, autoguidance).
+
+Conventions (DESIGN §3): every denoiser works in variance-exploding coordinates ``x_σ = x + σ n`` and
+returns the ε-prediction ``ε̂(x, σ)``, so ``D(x, σ) = x − σ ε̂`` and ``∇log p_σ(x) = −ε̂ / σ``.
+``sigma`` is always a per-sample tensor of shape [N] (use :func:`as_sigma` to broadcast a float).
+A variance-preserving model (Stable Diffusion) sets ``vp = True``; its VE input ``x̂`` corresponds to
+``z_t = α x̂`` with ``α = 1/√(1+σ²)``.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor
+
+
+def as_sigma(sigma: float | Tensor, x: Tensor) -> Tensor:
+    """Noise level(s) as an [N] tensor matching ``x``'s batch, device and dtype."""
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    if sigma.ndim == 0:
+        sigma = sigma.expand(x.shape[0])
+    if sigma.shape != (x.shape[0],):
+        raise ValueError(f"sigma must be a float or a tensor of shape [{x.shape[0]}], got {tuple(sigma.shape)}")
+    return sigma
+
+
+def per_sample(values: Tensor, x: Tensor) -> Tensor:
+    """Reshape an [N] tensor to broadcast against ``x`` of shape [N, ...]."""
+    return values.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+class Denoiser(ABC):
+    """ε-prediction in VE coordinates. Subclasses implement :meth:`eps`."""
+
+    vp: bool = False
+    """True for models that natively see VP inputs ``z_t = α_t x + s_t ε`` (then ``α = 1/√(1+σ²)``)."""
+
+    @abstractmethod
+    def eps(self, x: Tensor, sigma: Tensor) -> Tensor:
+        """Predicted noise ε̂(x, σ) for x: [N, ...], sigma: [N] (VE noise std, data units)."""
+
+    @property
+    def evaluations_per_call(self) -> int:
+        """Network evaluations one :meth:`eps` call costs (2 for a guided pair)."""
+        return 1
+
+    def denoise(self, x: Tensor, sigma: Tensor) -> Tensor:
+        """One-step clean estimate D(x, σ) = x − σ ε̂."""
+        sigma = as_sigma(sigma, x)
+        return x - per_sample(sigma, x) * self.eps(x, sigma)
+
+    def signal_scale(self, sigma: Tensor) -> Tensor:
+        """α(σ): the factor between VE and the model's own coordinates (1 for VE-native models)."""
+        return 1.0 / torch.sqrt(1.0 + sigma**2) if self.vp else torch.ones_like(sigma)
+
+
+class GuidedDenoiser(Denoiser):
+    """ε̂ = ε̂_guide + w (ε̂_main − ε̂_guide) on σ ∈ [σ_lo, σ_hi], ε̂_main elsewhere.
+
+    Classifier-free guidance: ``main`` is the conditional model, ``guide`` the unconditional one.
+    Autoguidance: ``guide`` is a weaker version of ``main``. ``w = 1`` is no guidance (the guide is
+    then never evaluated). ``interval = None`` applies w at every σ.
+    """
+
+    def __init__(self, main: Denoiser, guide: Denoiser, scale: float,
+                 interval: tuple[float, float] | None = None):
+        if main.vp != guide.vp:
+            raise ValueError("main and guide denoisers must share coordinates (vp flag)")
+        if interval is not None and not (0.0 <= interval[0] < interval[1]):
+            raise ValueError(f"guidance interval must satisfy 0 <= lo < hi, got {interval}")
+        self.main, self.guide, self.scale, self.interval = main, guide, float(scale), interval
+        self.vp = main.vp
+
+    @property
+    def evaluations_per_call(self) -> int:
+        return self.main.evaluations_per_call + (self.guide.evaluations_per_call if self.scale != 1.0 else 0)
+
+    def eps(self, x: Tensor, sigma: Tensor) -> Tensor:
+        sigma = as_sigma(sigma, x)
+        eps_main = self.main.eps(x, sigma)
+        if self.scale == 1.0:
+            return eps_main
+        active = torch.ones_like(sigma, dtype=torch.bool)
+        if self.interval is not None:
+            active = (sigma >= self.interval[0]) & (sigma <= self.interval[1])
+            if not bool(active.any()):
+                return eps_main
+        eps_guide = self.guide.eps(x, sigma)
+        w = per_sample(torch.where(active, torch.full_like(sigma, self.scale), torch.ones_like(sigma)), x)
+        return eps_guide + w * (eps_main - eps_guide)

@@ -1,0 +1,82 @@
+"""The Guidance protocol, its registry and the one target loss.
+
+Every guidance maps the current sample ``x`` (a 2D point, a latent or an image, [N, ...]) to a
+detached target ``y``; the optimiser minimises ``L = ½‖x − sg(y)‖²`` summed over a sample's
+dimensions and averaged over the batch, so ``∂L/∂x_i = (x_i − y_i)/N``. For SDS-like methods
+``y = x − grad``; for MSD ``y`` is the mean of product-distribution samples, so ``y − x`` is the
+mean-shift vector estimate.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class GuidanceOutput:
+    """``target``: detached y, same shape as x. ``aux``: scalars for logging (grad_norm, sigma, ...)."""
+
+    target: Tensor
+    aux: dict[str, float] = field(default_factory=dict)
+
+
+class Guidance(ABC):
+    """A score-distillation guidance: ``guidance(x, step, generator) -> GuidanceOutput``."""
+
+    name: str = ""
+
+    @abstractmethod
+    def __call__(self, x: Tensor, step: int, generator: torch.Generator | None = None) -> GuidanceOutput:
+        """Target for sample ``x`` at optimisation step ``step`` (0-based). Must not modify ``x``."""
+
+    def should_stop(self, step: int) -> bool:
+        """Termination criterion checked before step ``step`` (MSD: bandwidth below λ_min)."""
+        return False
+
+
+def summarize(x: Tensor, target: Tensor, **extra: float) -> dict[str, float]:
+    """Common aux scalars: mean per-sample ‖x − y‖ plus method-specific values."""
+    grad_norm = (x - target).flatten(1).norm(dim=1).mean()
+    return {"grad_norm": float(grad_norm), **{k: float(v) for k, v in extra.items()}}
+
+
+def target_loss(x: Tensor, target: Tensor) -> Tensor:
+    """½‖x − sg(y)‖² summed over each sample's dimensions, averaged over the batch."""
+    return 0.5 * (x - target.detach()).pow(2).flatten(1).sum(dim=1).mean()
+
+
+_REGISTRY: dict[str, Callable[..., Guidance]] = {}
+
+
+def register(name: str):
+    """Class decorator adding a guidance to the registry under ``name``."""
+
+    def wrap(cls):
+        if name in _REGISTRY:
+            raise ValueError(f"guidance {name!r} is already registered")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def available_guidances() -> tuple[str, ...]:
+    return tuple(sorted(_REGISTRY))
+
+
+def build_guidance(name: str, **kwargs) -> Guidance:
+    """Instantiate a registered guidance; an unknown name fails with the allowed values."""
+    if name not in _REGISTRY:
+        raise ValueError(f"guidance.name must be one of {available_guidances()}, got {name!r}")
+    return _REGISTRY[name](**kwargs)
+
+
+def require(condition: bool, field_name: str, allowed: str, value) -> None:
+    """Fail early with a message naming the config field, the allowed values and what was given."""
+    if not condition:
+        raise ValueError(f"{field_name} must be {allowed}, got {value!r}")
