@@ -66,9 +66,7 @@ class MSDGuidance(Guidance):
         lam = self.bandwidth(step)
         require(lam > 0, "guidance bandwidth at this step", "> 0 (stop when should_stop(step) is True)", lam)
         with torch.no_grad():
-            centers = x.detach().repeat(self.num_samples, *([1] * (x.ndim - 1)))
-            samples = self.product_samples(centers, lam, generator)
-            target = samples.reshape(self.num_samples, *x.shape).mean(dim=0)
+            target = self.product_samples(x.detach(), lam, generator).mean(dim=0)
         return GuidanceOutput(target, summarize(x, target, bandwidth=lam, nfe=self.evaluations_per_estimate()))
 
     def evaluations_per_estimate(self) -> int:
@@ -81,13 +79,14 @@ class MSDGuidance(Guidance):
         inversion = steps * self.denoiser.evaluations_per_call if self.sampler == "stable" else 0
         return self.num_samples * (solve + inversion)
 
-    def product_samples(self, centers: Tensor, lam: float, generator: torch.Generator | None) -> Tensor:
-        """Samples y ~ ṗ(·|c) ∝ p(y) G_λ(c − y), one per row of ``centers``."""
+    def product_samples(self, x: Tensor, lam: float, generator: torch.Generator | None) -> Tensor:
+        """``num_samples`` draws y ~ ṗ(·|x) ∝ p(y) G_λ(x − y) per row of ``x``: [num_samples, *x.shape]."""
         if self.sampler == "exact":
-            return self.denoiser.product_sample(centers, lam, generator=generator)
-        if self.sampler == "stable":
-            return self._stable_solve(centers, lam, generator)
-        return self._ode_solve(centers, lam, generator)
+            samples = self.denoiser.product_sample(x, lam, generator=generator, n_per_center=self.num_samples)
+            return samples.reshape(self.num_samples, *x.shape)
+        centers = x.repeat(self.num_samples, *([1] * (x.ndim - 1)))
+        solve = self._stable_solve if self.sampler == "stable" else self._ode_solve
+        return solve(centers, lam, generator).reshape(self.num_samples, *x.shape)
 
     def _decay(self, sigma: float, sigma_next: float, lam: float) -> float:
         """exp(−Δs/λ²) over a step, Δs = (σ² − σ_next²)/2 (scaled by kernel_time_scale); 1 if inactive."""
