@@ -25,7 +25,7 @@ reproduce-toy2d: venv
 	$(PY) -m eval.reproduce_toy2d
 
 toy2d-weights: venv
-	$(PY) -m toy2d.train
+	$(PY) -m experiments.train_toy2d
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -9,7 +9,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # small tensors: a second OpenMP thread only adds spin-wait overhead
 
 from msd.denoiser import Denoiser, per_sample  # noqa: E402
 

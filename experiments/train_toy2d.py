@@ -1,4 +1,4 @@
-"""Train the committed toy2d denoisers: ``python -m toy2d.train [NAME ...]`` (``make toy2d-weights``).
+"""Train the committed toy2d denoisers: ``python -m experiments.train_toy2d [NAME ...]`` (``make toy2d-weights``).
 
 Writes ``toy2d/weights/{A,AB,A_weak}.pt`` (state_dict, constructor kwargs, training metadata), each
 atomically (temp file + rename). EDM2 trained the main model for 4096 iterations at batch 4096 and the

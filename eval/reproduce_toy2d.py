@@ -1,0 +1,188 @@
+"""Reproduce the toy 2D grid: ``python -m eval.reproduce_toy2d`` (``make reproduce-toy2d``).
+
+Runs {ddim, sds, vsd, sdi, msd} × {exact, learned} × {no guidance, CFG w = 4 with the class-AB guide},
+plus autoguidance (w = 3, the weak class-A guide) for the learned denoiser and MSD with exact product
+sampling (``msd_exact``, the reference for MSD's ODE sampler; exact unguided mixture only), through the Hydra app
+(one local multirun per setting; every run is a normal run directory
+``<runs-dir>/<denoiser>_<guide>_w<scale>/<method>/``), then writes ``<results-dir>/metrics.csv``,
+``metrics.md`` and ``figure_grid.png`` from those run directories.
+
+The guidance scales are EDM2's for this toy (Karras et al. 2024, reference/anchors.md §3): the
+CFG-style guide (a two-class model) with w = 4, the autoguidance guide (a weaker class-A model) with
+w = 3. The exact denoiser has no "weaker" model, so it gets no autoguidance row.
+
+A finished run whose resolved config equals the one it would be started with now (ignoring the
+logger and the progress bar) is reused (``--force`` reruns it). Extra ``key=value`` arguments go to
+every run, e.g. a quick look (about 2 minutes):
+``python -m eval.reproduce_toy2d --runs-dir outputs/toy2d_quick --results-dir outputs/toy2d_quick/results
+task.grid_size=16 task.solver_steps=8`` (committed results use the paper-scale defaults).
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from eval.figures import METHOD_COLUMNS, Canvas, DensityMap, RunRecord, find_runs, grid_figure, setting_order
+from eval.io import save_figure, write_csv, write_text
+from toy2d import fractal_gmm
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+README_MARKERS = ("<!-- toy2d-table:start -->", "<!-- toy2d-table:end -->")
+CFG_SCALE = 4.0
+AUTOGUIDANCE_SCALE = 3.0
+TABLE_COLUMNS = ("method", "denoiser", "guide", "guidance_scale", "nll", "nll_median", "in_hdr", "steps", "nfe",
+                 "seconds", "particles", "run_dir")
+
+
+def settings(denoisers: list[str]) -> list[tuple[str, str, float]]:
+    """(denoiser, guide, scale) of every row of the grid; guide 'cfg' at scale 1 means unguided."""
+    rows = []
+    for denoiser in denoisers:
+        rows += [(denoiser, "cfg", 1.0), (denoiser, "cfg", CFG_SCALE)]
+        if denoiser == "learned":
+            rows.append((denoiser, "autoguidance", AUTOGUIDANCE_SCALE))
+    return rows
+
+
+def setting_dir(runs_dir: Path, setting: tuple[str, str, float]) -> Path:
+    denoiser, guide, scale = setting
+    return runs_dir / f"{denoiser}_{guide if scale != 1.0 else 'none'}_w{scale:g}"
+
+
+def run_overrides(method: str, setting: tuple[str, str, float], extra: list[str]) -> list[str]:
+    denoiser, guide, scale = setting
+    return ["experiment=toy2d", f"guidance={method}", f"denoiser={denoiser}", f"guide={guide}",
+            f"guidance_scale={scale:g}", *extra]
+
+
+def result_relevant(config: dict) -> dict:
+    """The config without what cannot change a result (the tracker, the progress bar)."""
+    config = {key: value for key, value in config.items() if key != "logger"}
+    config["task"] = {key: value for key, value in config["task"].items() if key != "progress_bar"}
+    return config
+
+
+def is_done(run_dir: Path, overrides: list[str]) -> bool:
+    """A finished run whose resolved config equals the one these overrides compose to now."""
+    if not (run_dir / "final.json").is_file():
+        return False
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+        expected = OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)
+    found = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
+    return result_relevant(found) == result_relevant(expected)
+
+
+def run_setting(runs_dir: Path, setting: tuple[str, str, float], methods: list[str], extra: list[str]) -> None:
+    """One local Hydra multirun over ``methods`` for one setting."""
+    denoiser, guide, scale = setting
+    command = [sys.executable, "-m", "experiments.run", "-m", "experiment=toy2d",
+               f"guidance={','.join(methods)}", f"denoiser={denoiser}", f"guide={guide}", f"guidance_scale={scale:g}",
+               *extra, f"hydra.sweep.dir={setting_dir(runs_dir, setting)}", "hydra.sweep.subdir=${hydra:runtime.choices.guidance}"]
+    print("+", " ".join(command[1:]), flush=True)
+    subprocess.run(command, cwd=REPO_ROOT, check=True)
+
+
+def applicable(method: str, setting: tuple[str, str, float]) -> bool:
+    """Exact product sampling exists only for the bare exact mixture (a guided density is no mixture)."""
+    denoiser, _, scale = setting
+    return method != "msd_exact" or (denoiser == "exact" and scale == 1.0)
+
+
+def run_grid(runs_dir: Path, methods: list[str], denoisers: list[str], extra: list[str], force: bool) -> None:
+    for setting in settings(denoisers):
+        methods_here = [m for m in methods if applicable(m, setting)]
+        todo = [m for m in methods_here
+                if force or not is_done(setting_dir(runs_dir, setting) / m, run_overrides(m, setting, extra))]
+        reused = [m for m in methods_here if m not in todo]
+        if reused:
+            print(f"reusing finished runs {reused} in {setting_dir(runs_dir, setting)}", flush=True)
+        if todo:
+            run_setting(runs_dir, setting, todo, extra)
+
+
+def metrics_table(records: list[RunRecord], root: Path) -> pd.DataFrame:
+    """One row per method × denoiser × guide × scale, in the figure's order."""
+    rows = [{**{k: r.final[k] for k in TABLE_COLUMNS if k in r.final}, "run_dir": str(r.path.relative_to(root))}
+            for r in records]
+    table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+    order = [(setting_order(r.setting), METHOD_COLUMNS.index(r.final["method"])) for r in records]
+    return table.iloc[sorted(range(len(records)), key=order.__getitem__)].reset_index(drop=True)
+
+
+def markdown_table(table: pd.DataFrame, reference: RunRecord) -> str:
+    shown = ["method", "denoiser", "guide", "guidance_scale", "nll", "nll_median", "in_hdr", "steps", "nfe", "seconds"]
+    formats = {"nll": "{:.3f}", "nll_median": "{:.3f}", "in_hdr": "{:.3f}", "guidance_scale": "{:g}",
+               "nfe": "{:.0f}", "seconds": "{:.1f}"}
+    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    for _, row in table.iterrows():
+        lines.append("| " + " | ".join(formats.get(c, "{}").format(row[c]) for c in shown) + " |")
+    notes = [
+        "# Toy 2D: particles vs the exact class-A density",
+        "",
+        "NLL: mean −log p_A (nats) of the final particles; nll_median: its median; in_hdr: fraction inside the "
+        f"exact 95% highest-density region (level = Monte-Carlo 5% quantile of log p_A over "
+        f"{reference.config.task.eval.n_reference} exact samples). Exact samples of p_A have NLL ≈ "
+        f"{reference.final['reference_nll']:.3f} (the entropy) and in_hdr = 0.95. "
+        "seconds: wall time of the optimisation / sampling loop on this CPU (metrics excluded); "
+        "nfe: denoiser evaluations per particle. Guide 'none' = no guidance; cfg = class-AB guide; "
+        "autoguidance = weak class-A guide.",
+        "",
+    ]
+    return "\n".join(notes + lines) + "\n"
+
+
+def update_readme(readme: Path, table_md: str) -> None:
+    """Replace the README block between the toy2d-table markers with the regenerated table."""
+    text = readme.read_text()
+    start, end = (text.index(marker) for marker in README_MARKERS)
+    body = table_md.split("\n", 2)[2]  # drop the Markdown title line and the blank line after it
+    write_text(readme, text[:start + len(README_MARKERS[0])] + "\n" + body + text[end:])
+
+
+def write_results(runs_dir: Path, results_dir: Path) -> pd.DataFrame:
+    records = [r for r in find_runs(runs_dir) if r.final.get("method") in METHOD_COLUMNS]
+    if not records:
+        raise FileNotFoundError(f"no finished runs (final.json) under {runs_dir}")
+    table = metrics_table(records, runs_dir)
+    write_csv(results_dir / "metrics.csv", table)
+    table_md = markdown_table(table, records[0])
+    write_text(results_dir / "metrics.md", table_md)
+    if results_dir == REPO_ROOT / "results" / "toy2d":
+        update_readme(REPO_ROOT / "README.md", table_md)
+    task = records[0].config.task
+    canvas = Canvas(tuple(task.canvas.center), task.canvas.half_size)
+    density = DensityMap.compute(fractal_gmm(task.target_class), canvas,
+                                 records[0].final["hdr_level"], task.figure.resolution)
+    save_figure(results_dir / "figure_grid.png", grid_figure(records, density))
+    return table
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides passed to every run")
+    parser.add_argument("--runs-dir", type=Path, default=REPO_ROOT / "outputs" / "toy2d_grid")
+    parser.add_argument("--results-dir", type=Path, default=REPO_ROOT / "results" / "toy2d")
+    parser.add_argument("--methods", default=",".join(METHOD_COLUMNS))
+    parser.add_argument("--denoisers", default="exact,learned")
+    parser.add_argument("--force", action="store_true", help="rerun finished runs too")
+    parser.add_argument("--aggregate-only", action="store_true", help="only rebuild the tables and figure")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    runs_dir = args.runs_dir.resolve()
+    if not args.aggregate_only:
+        run_grid(runs_dir, args.methods.split(","), args.denoisers.split(","), args.overrides, args.force)
+    table = write_results(runs_dir, args.results_dir.resolve())
+    print(table.drop(columns=["run_dir"]).to_string(index=False))
+    print(f"sum of run loop times: {table['seconds'].sum():.1f} s; "
+          f"total wall time: {time.perf_counter() - start:.1f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

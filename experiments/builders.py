@@ -1,0 +1,134 @@
+"""Config → objects: the (guided) toy denoiser, the noise schedule, the guidance; and the start-up checks.
+
+Every check fails with a ``ValueError`` naming the config field, the allowed values and what was
+given, before the run writes anything. The guidances check their own parameters on construction
+(``msd.guidance.require``), so :func:`build_toy2d` constructing everything is the validation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from omegaconf import DictConfig, OmegaConf
+
+import baselines  # noqa: F401  (registers "sds", "vsd", "sdi")
+import msd  # noqa: F401  (registers "msd")
+from msd.denoiser import Denoiser, GuidedDenoiser
+from msd.guidance import Guidance, available_guidances, build_guidance, require
+from msd.schedules import EDMSchedule
+from msd.solvers import SOLVERS
+from toy2d import ExactDenoiser, fractal_gmm, load_denoiser
+
+REFERENCE_SAMPLER = "ddim"
+"""``guidance=ddim``: not a guidance but the PF-ODE sampling reference rows."""
+DENOISERS = ("exact", "learned")
+GUIDES = ("cfg", "autoguidance")
+OPTIMIZERS = ("adam", "sgd")
+TARGET_CLASSES = ("A", "B")
+
+
+def guidance_names() -> tuple[str, ...]:
+    return (*available_guidances(), REFERENCE_SAMPLER)
+
+
+def check_task(task: DictConfig) -> None:
+    """The task fields the driver relies on."""
+    require(task.grid_size >= 1, "task.grid_size", ">= 1", task.grid_size)
+    require(task.steps >= 1, "task.steps", ">= 1", task.steps)
+    require(task.canvas.half_size > 0, "task.canvas.half_size", "> 0", task.canvas.half_size)
+    require(len(task.canvas.center) == 2, "task.canvas.center", "a pair [x, y]", task.canvas.center)
+    require(task.optimizer.name in OPTIMIZERS, "task.optimizer.name", f"one of {OPTIMIZERS}", task.optimizer.name)
+    require(task.optimizer.lr > 0, "task.optimizer.lr", "> 0", task.optimizer.lr)
+    require(task.save_every >= 1, "task.save_every", ">= 1", task.save_every)
+    require(task.metrics_every >= 1, "task.metrics_every", ">= 1", task.metrics_every)
+    require(0 < task.sigma_min < task.sigma_max, "task.sigma_min/sigma_max", "0 < sigma_min < sigma_max",
+            (task.sigma_min, task.sigma_max))
+    require(task.rho > 0, "task.rho", "> 0", task.rho)
+    require(task.solver_steps >= 1, "task.solver_steps", ">= 1", task.solver_steps)
+    require(task.target_class in TARGET_CLASSES, "task.target_class", f"one of {TARGET_CLASSES}", task.target_class)
+    require(task.eval.n_reference >= 1, "task.eval.n_reference", ">= 1", task.eval.n_reference)
+    require(0 < task.eval.hdr_mass < 1, "task.eval.hdr_mass", "in (0, 1)", task.eval.hdr_mass)
+    require(task.figure.resolution >= 2, "task.figure.resolution", ">= 2", task.figure.resolution)
+
+
+def noise_schedule(task: DictConfig) -> EDMSchedule:
+    return EDMSchedule(task.sigma_min, task.sigma_max, task.rho)
+
+
+def _toy_model(denoiser_cfg: DictConfig, role: str) -> Denoiser:
+    """The exact mixture or the committed learned model named by ``denoiser.<role>``."""
+    name = denoiser_cfg[role]
+    if denoiser_cfg.name == "exact":
+        return ExactDenoiser(fractal_gmm(name))
+    return load_denoiser(name)
+
+
+def build_denoiser(cfg: DictConfig) -> Denoiser:
+    """The main model, wrapped with its guide only when ``guidance_scale != 1`` (the MSD exact sampler
+    needs the bare exact denoiser)."""
+    require(cfg.denoiser.name in DENOISERS, "denoiser.name", f"one of {DENOISERS}", cfg.denoiser.name)
+    require(cfg.guide in GUIDES, "guide", f"one of {GUIDES}", cfg.guide)
+    interval = cfg.guidance_interval
+    require(interval is None or len(interval) == 2, "guidance_interval", "null or [sigma_lo, sigma_hi]", interval)
+    main = _toy_model(cfg.denoiser, "main")
+    if float(cfg.guidance_scale) == 1.0:
+        return main
+    guide_role = "cfg_guide" if cfg.guide == "cfg" else "autoguidance_guide"
+    if cfg.denoiser[guide_role] is None:
+        raise ValueError(f"guide={cfg.guide!r} needs denoiser.{guide_role}, which denoiser={cfg.denoiser.name!r} "
+                         f"does not have (use denoiser=learned for autoguidance, or guide=cfg)")
+    return GuidedDenoiser(main, _toy_model(cfg.denoiser, guide_role), float(cfg.guidance_scale),
+                          tuple(interval) if interval is not None else None)
+
+
+@dataclass
+class ReferenceSampler:
+    """``guidance=ddim``: integrate the PF-ODE with ``solver`` over an EDM grid of ``solver_steps`` levels."""
+
+    solver: str
+    solver_steps: int
+
+
+def method_label(guidance_cfg: DictConfig) -> str:
+    """The row label of a run: the guidance name, with MSD's product sampler when it is not the
+    paper's ODE (``msd_exact``, ``msd_stable``)."""
+    sampler = guidance_cfg.get("sampler", "ode")
+    return guidance_cfg.name if guidance_cfg.name != "msd" or sampler == "ode" else f"msd_{sampler}"
+
+
+def build_reference_sampler(guidance_cfg: DictConfig) -> ReferenceSampler:
+    allowed = {"name", "solver", "solver_steps"}
+    unknown = sorted(set(guidance_cfg) - allowed)
+    require(not unknown, "guidance (ddim) fields", f"within {sorted(allowed)}", unknown)
+    require(guidance_cfg.solver in SOLVERS, "guidance.solver", f"one of {SOLVERS}", guidance_cfg.solver)
+    require(guidance_cfg.solver_steps >= 1, "guidance.solver_steps", ">= 1", guidance_cfg.solver_steps)
+    return ReferenceSampler(guidance_cfg.solver, int(guidance_cfg.solver_steps))
+
+
+def build_guidance_from_config(cfg: DictConfig, denoiser: Denoiser) -> Guidance:
+    """``build_guidance(guidance.name, denoiser=..., noise_schedule=<task schedule>, **other guidance fields)``."""
+    kwargs = OmegaConf.to_container(cfg.guidance, resolve=True)
+    name = kwargs.pop("name")
+    try:
+        return build_guidance(name, denoiser=denoiser, noise_schedule=noise_schedule(cfg.task), **kwargs)
+    except TypeError as error:  # an unknown guidance.<field>
+        raise ValueError(f"guidance={name}: {error}") from error
+
+
+@dataclass
+class Toy2DSetup:
+    """Everything a toy run needs; ``guidance`` is None for the reference sampler (``guidance=ddim``)."""
+
+    denoiser: Denoiser
+    guidance: Guidance | None
+    reference: ReferenceSampler | None
+
+
+def build_toy2d(cfg: DictConfig) -> Toy2DSetup:
+    """Check the config and build the run's objects (raises ``ValueError`` naming the bad field)."""
+    name = cfg.guidance.name
+    require(name in guidance_names(), "guidance.name", f"one of {guidance_names()}", name)
+    check_task(cfg.task)
+    denoiser = build_denoiser(cfg)
+    if name == REFERENCE_SAMPLER:
+        return Toy2DSetup(denoiser, None, build_reference_sampler(cfg.guidance))
+    return Toy2DSetup(denoiser, build_guidance_from_config(cfg, denoiser), None)

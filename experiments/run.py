@@ -1,0 +1,51 @@
+"""Hydra entry point: ``python -m experiments.run [group=option ...] [key=value ...]`` (``-m`` for sweeps).
+
+Builds and checks everything first (a bad config fails before the run writes anything), then writes
+the resolved config (``config.yaml``, beside Hydra's ``.hydra/``), starts the logger and runs the task
+driver in the Hydra run directory. Run it as a module (``python -m``): as a script path,
+``experiments/logging.py`` would shadow the standard library's ``logging``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from eval.io import write_text
+from experiments import toy2d
+from experiments.logging import build_logger, check_logger_config
+from msd.guidance import require
+
+TASK_DRIVERS = {"toy2d": toy2d}
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """One run of ``cfg`` into ``run_dir``; returns the final metrics."""
+    require(cfg.task.name in TASK_DRIVERS, "task.name", f"one of {tuple(TASK_DRIVERS)}", cfg.task.name)
+    require(cfg.num_threads is None or cfg.num_threads >= 1, "num_threads", "null or >= 1", cfg.num_threads)
+    if cfg.num_threads is not None:
+        torch.set_num_threads(int(cfg.num_threads))
+    driver = TASK_DRIVERS[cfg.task.name]
+    setup = driver.build(cfg)
+    check_logger_config(cfg.logger)
+    run_dir = Path(run_dir)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    write_text(run_dir / "config.yaml", OmegaConf.to_yaml(resolved))
+    logger = build_logger(cfg.logger, run_dir, resolved, run_name=run_dir.name)
+    try:
+        return driver.run(cfg, setup, run_dir, logger)
+    finally:
+        logger.finish()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    final = run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    return final["nll"]
+
+
+if __name__ == "__main__":
+    main()
