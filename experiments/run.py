@@ -2,8 +2,7 @@
 
 Builds and checks everything first (a bad config fails before the run writes anything), then writes
 the resolved config (``config.yaml``, beside Hydra's ``.hydra/``), starts the logger and runs the task
-driver in the Hydra run directory. Run it as a module (``python -m``): as a script path,
-``experiments/logging.py`` would shadow the standard library's ``logging``.
+driver in the Hydra run directory.
 """
 from __future__ import annotations
 
@@ -16,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from eval.io import write_text
 from experiments import toy2d
-from experiments.logging import build_logger, check_logger_config
+from experiments.loggers import build_logger, check_logger_config
 from msd.guidance import require
 
 TASK_DRIVERS = {"toy2d": toy2d}

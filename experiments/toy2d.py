@@ -25,7 +25,7 @@ from eval.figures import Canvas, DensityMap, scatter_figure
 from eval.io import save_figure, write_csv, write_json, write_npz
 from eval.toy_metrics import ToyEvaluator
 from experiments.builders import ReferenceSampler, Toy2DSetup, build_toy2d, method_label, noise_schedule
-from experiments.logging import RunLogger
+from experiments.loggers import RunLogger
 from msd.guidance import Guidance, target_loss
 from msd.solvers import solver_step
 from toy2d import fractal_gmm

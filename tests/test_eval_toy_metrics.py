@@ -4,7 +4,6 @@ import math
 import pytest
 import torch
 
-torch.set_num_threads(1)  # as the runs do (conf num_threads): robust to other CPU load
 
 from eval.toy_metrics import ToyEvaluator  # noqa: E402
 from toy2d import fractal_gmm  # noqa: E402

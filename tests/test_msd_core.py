@@ -125,7 +125,7 @@ def test_target_loss_gradient_is_x_minus_y_over_batch():
     loss.backward()
     assert torch.allclose(x.grad, (x - y).detach() / 8)
     assert y.grad is None
-    assert math.isclose(float(loss.detach()), float(0.5 * (x - y).pow(2).sum() / 8), rel_tol=1e-6)
+    assert math.isclose(float(loss.detach()), float(0.5 * (x - y).detach().pow(2).sum() / 8), rel_tol=1e-6)
 
 
 def test_registry_lists_all_methods_and_rejects_unknown(gaussian):

@@ -8,16 +8,6 @@ from toy2d import ExactDenoiser, MLPDenoiser, fractal_gmm, load_denoiser
 from toy2d.denoisers import score_matching_loss, train_mlp_denoiser
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Run on one thread: these are streams of small ops, and two OpenMP threads on a shared 2-core
-    machine with one core busy elsewhere were measured ~20× slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

@@ -7,16 +7,6 @@ import torch
 from toy2d import GaussianMixture, fractal_gmm
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Run on one thread: these are streams of small ops, and two OpenMP threads on a shared 2-core
-    machine with one core busy elsewhere were measured ~20× slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
