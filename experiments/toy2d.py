@@ -27,7 +27,7 @@ from eval.toy_metrics import ToyEvaluator
 from experiments.builders import ReferenceSampler, Toy2DSetup, build_toy2d, method_label, noise_schedule
 from experiments.loggers import RunLogger
 from msd.guidance import Guidance, target_loss
-from msd.solvers import solver_step
+from msd.solvers import solver_evaluations, solver_step
 from toy2d import fractal_gmm
 
 build = build_toy2d
@@ -130,8 +130,7 @@ def sample_reference(denoiser, reference: ReferenceSampler, n: int, task: DictCo
             history.snapshot(i, x, force=True)
     seconds = time.perf_counter() - tic
     steps = len(sigmas) - 1
-    evaluations = steps * (2 if reference.solver == "heun" else 1) - (1 if reference.solver == "heun" else 0)
-    nfe = float(evaluations * denoiser.evaluations_per_call)
+    nfe = float(solver_evaluations(steps, reference.solver) * denoiser.evaluations_per_call)
     row = {"step": steps, "nfe": nfe, **evaluator(x)}
     history.rows.append(row)
     logger.log_scalars(row, step=steps)

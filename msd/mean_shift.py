@@ -26,7 +26,7 @@ from msd.bandwidth import BandwidthSchedule
 from msd.denoiser import Denoiser
 from msd.guidance import Guidance, GuidanceOutput, register, require, summarize
 from msd.schedules import EDMSchedule, NoiseSchedule
-from msd.solvers import check_solver, ddim_invert, solver_step
+from msd.solvers import check_solver, ddim_invert, solver_evaluations, solver_step
 
 PRODUCT_SAMPLERS = ("ode", "stable", "exact")
 KERNEL_CENTERS = ("noise_scaled", "raw")
@@ -74,10 +74,8 @@ class MSDGuidance(Guidance):
         if self.sampler == "exact":
             return 0
         steps = len(self.sigmas) - 1
-        per_step = self.denoiser.evaluations_per_call * (2 if self.solver == "heun" else 1)
-        solve = steps * per_step - (self.denoiser.evaluations_per_call if self.solver == "heun" else 0)
-        inversion = steps * self.denoiser.evaluations_per_call if self.sampler == "stable" else 0
-        return self.num_samples * (solve + inversion)
+        calls = solver_evaluations(steps, self.solver) + (steps if self.sampler == "stable" else 0)
+        return self.num_samples * calls * self.denoiser.evaluations_per_call
 
     def product_samples(self, x: Tensor, lam: float, generator: torch.Generator | None) -> Tensor:
         """``num_samples`` draws y ~ ṗ(·|x) ∝ p(y) G_λ(x − y) per row of ``x``: [num_samples, *x.shape]."""

@@ -20,6 +20,12 @@ def check_solver(name: str) -> str:
     return name
 
 
+def solver_evaluations(steps: int, solver: str) -> int:
+    """Model calls of a ``steps``-step solve: Euler 1 per step; Heun 2 per step but none for the
+    correction of the final step to σ = 0."""
+    return steps if solver == "euler" else 2 * steps - 1
+
+
 def solver_step(denoiser: Denoiser, x: Tensor, sigma: float, sigma_next: float, solver: str = "euler") -> Tensor:
     """One PF-ODE step of ``x`` from noise level ``sigma`` to ``sigma_next`` (either direction)."""
     h = sigma_next - sigma
