@@ -6,7 +6,7 @@ export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE ?= offline
 export PYTHONHASHSEED := 0
 
-.PHONY: venv test reproduce reproduce-toy2d toy2d-weights clean
+.PHONY: venv test reproduce reproduce-toy2d toy2d-weights bench clean
 
 venv: .venv/.installed
 
@@ -23,6 +23,11 @@ reproduce: reproduce-toy2d
 
 reproduce-toy2d: venv
 	$(PY) -m eval.reproduce_toy2d
+	$(PY) -m eval.gradient_quality
+	$(PY) -m eval.landscapes
+
+bench: venv
+	$(PY) -m eval.bench_gmm
 
 toy2d-weights: venv
 	$(PY) -m experiments.train_toy2d
