@@ -5,7 +5,9 @@ plus autoguidance (w = 3, the weak class-A guide) for the learned denoiser and M
 sampling (``msd_exact``, the reference for MSD's ODE sampler; exact unguided mixture only), through the Hydra app
 (one local multirun per setting; every run is a normal run directory
 ``<runs-dir>/<denoiser>_<guide>_w<scale>/<method>/``), then writes ``<results-dir>/metrics.csv``,
-``metrics.md`` and ``figure_grid.png`` from those run directories.
+``metrics.md`` and ``figure_grid.png`` from those run directories. The mode metrics (precision, recall,
+mmd, mode_distance; ``eval.toy_metrics.ModeMetrics``) are computed here from each run's ``particles.npz``
+and cached beside it in ``mode_metrics.json`` (so finished runs need not be rerun when they are added).
 
 The guidance scales are EDM2's for this toy (Karras et al. 2024, reference/anchors.md §3): the
 CFG-style guide (a two-class model) with w = 4, the autoguidance guide (a weaker class-A model) with
@@ -20,6 +22,8 @@ task.grid_size=16 task.solver_steps=8`` (committed results use the paper-scale d
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import subprocess
 import sys
 import time
@@ -30,15 +34,19 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from eval.figures import METHOD_COLUMNS, Canvas, DensityMap, RunRecord, find_runs, grid_figure, setting_order
-from eval.io import save_figure, write_csv, write_text
+from eval.io import save_figure, write_csv, write_json, write_text
+from eval.toy_metrics import (MMD_BANDWIDTHS, MODE_BANDWIDTH, MODE_METRICS_VERSION, MODE_N_REFERENCE, PR_K,
+                              class_mode_metrics)
 from toy2d import fractal_gmm
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 README_MARKERS = ("<!-- toy2d-table:start -->", "<!-- toy2d-table:end -->")
 CFG_SCALE = 4.0
 AUTOGUIDANCE_SCALE = 3.0
-TABLE_COLUMNS = ("method", "denoiser", "guide", "guidance_scale", "nll", "nll_median", "in_hdr", "steps", "nfe",
-                 "seconds", "particles", "run_dir")
+MODE_COLUMNS = ("precision", "recall", "mmd", "mode_distance")
+TABLE_COLUMNS = ("method", "denoiser", "guide", "guidance_scale", "nll", "nll_median", "in_hdr", *MODE_COLUMNS,
+                 "steps", "nfe", "seconds", "particles", "run_dir")
+MODE_METRICS_FILE = "mode_metrics.json"
 
 
 def settings(denoisers: list[str]) -> list[tuple[str, str, float]]:
@@ -107,18 +115,40 @@ def run_grid(runs_dir: Path, methods: list[str], denoisers: list[str], extra: li
             run_setting(runs_dir, setting, todo, extra)
 
 
+def mode_metrics(record: RunRecord) -> dict[str, float]:
+    """precision / recall / mmd / mode_distance of a run's final particles (``eval.toy_metrics.ModeMetrics``)
+    and ``modes``, the number of modes of the target.
+
+    Computed from particles.npz and cached in ``<run>/mode_metrics.json``, keyed by the metric definitions'
+    version and a hash of the particles (a rerun or a new definition recomputes them).
+    """
+    key = {"version": MODE_METRICS_VERSION, "target_class": str(record.config.task.target_class),
+           "particles_sha1": hashlib.sha1(record.particles.astype("float64").tobytes()).hexdigest()}
+    cache = record.path / MODE_METRICS_FILE
+    if cache.is_file():
+        cached = json.loads(cache.read_text())
+        if {k: cached.get(k) for k in key} == key and "modes" in cached.get("metrics", {}):
+            return cached["metrics"]
+    evaluator = class_mode_metrics(key["target_class"])
+    metrics = {**evaluator(record.particles), "modes": len(evaluator.modes)}
+    write_json(cache, {**key, "metrics": metrics})
+    return metrics
+
+
 def metrics_table(records: list[RunRecord], root: Path) -> pd.DataFrame:
     """One row per method × denoiser × guide × scale, in the figure's order."""
-    rows = [{**{k: r.final[k] for k in TABLE_COLUMNS if k in r.final}, "run_dir": str(r.path.relative_to(root))}
-            for r in records]
+    rows = [{**{k: r.final[k] for k in TABLE_COLUMNS if k in r.final}, **{k: m[k] for k in MODE_COLUMNS},
+             "run_dir": str(r.path.relative_to(root))} for r, m in zip(records, map(mode_metrics, records))]
     table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
     order = [(setting_order(r.setting), METHOD_COLUMNS.index(r.final["method"])) for r in records]
     return table.iloc[sorted(range(len(records)), key=order.__getitem__)].reset_index(drop=True)
 
 
 def markdown_table(table: pd.DataFrame, reference: RunRecord) -> str:
-    shown = ["method", "denoiser", "guide", "guidance_scale", "nll", "nll_median", "in_hdr", "steps", "nfe", "seconds"]
+    shown = ["method", "denoiser", "guide", "guidance_scale", "nll", "nll_median", "in_hdr", *MODE_COLUMNS,
+             "steps", "nfe", "seconds"]
     formats = {"nll": "{:.3f}", "nll_median": "{:.3f}", "in_hdr": "{:.3f}", "guidance_scale": "{:g}",
+               "precision": "{:.3f}", "recall": "{:.3f}", "mmd": "{:.4f}", "mode_distance": "{:.4f}",
                "nfe": "{:.0f}", "seconds": "{:.1f}"}
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     for _, row in table.iterrows():
@@ -132,7 +162,11 @@ def markdown_table(table: pd.DataFrame, reference: RunRecord) -> str:
         f"{reference.final['reference_nll']:.3f} (the entropy) and in_hdr = 0.95. "
         "seconds: wall time of the optimisation / sampling loop on this CPU (metrics excluded); "
         "nfe: denoiser evaluations per particle. Guide 'none' = no guidance; cfg = class-AB guide; "
-        "autoguidance = weak class-A guide.",
+        "autoguidance = weak class-A guide. precision / recall: improved precision and recall (k-NN "
+        f"manifolds, k = {PR_K}) against {MODE_N_REFERENCE} exact samples of p_A; mmd: biased MMD² with the "
+        f"mean of RBF kernels of bandwidths {', '.join(f'{h:g}' for h in MMD_BANDWIDTHS)}; mode_distance: "
+        f"mean distance to the nearest of the {mode_metrics(reference)['modes']:.0f} modes of "
+        f"p_A ∗ G_λ, λ = {MODE_BANDWIDTH:g} (definitions: README, eval/toy_metrics.py).",
         "",
     ]
     return "\n".join(notes + lines) + "\n"

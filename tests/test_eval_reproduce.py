@@ -44,22 +44,29 @@ def test_reproduce_writes_tables_and_figure_from_run_dirs(grid):
     tmp, result = grid
     assert "total wall time" in result.stdout
     table = pd.read_csv(tmp / "results" / "metrics.csv")
-    expected = {"method", "denoiser", "guide", "guidance_scale", "nll", "in_hdr", "nll_median", "steps", "seconds"}
+    expected = {"method", "denoiser", "guide", "guidance_scale", "nll", "in_hdr", "nll_median", "steps", "seconds",
+                "precision", "recall", "mmd", "mode_distance"}
     assert expected <= set(table.columns) and len(table) == 6
+    assert table[["precision", "recall"]].apply(lambda c: c.between(0, 1)).all().all()
+    assert (table["mmd"] >= 0).all() and (table["mode_distance"] > 0).all()
     assert list(table["method"]) == ["ddim", "msd"] * 3
     assert list(zip(table["guide"], table["guidance_scale"]))[::2] == [("none", 1.0), ("cfg", 4.0),
                                                                        ("autoguidance", 3.0)]
     markdown = (tmp / "results" / "metrics.md").read_text()
     assert markdown.count("\n| ") == 7  # header + 6 rows
+    assert "| precision | recall | mmd | mode_distance |" in markdown
     assert (tmp / "results" / "figure_grid.png").stat().st_size > 10_000
     runs = find_runs(tmp / "runs")
     assert len(runs) == 6 and all((r.path / ".hydra" / "config.yaml").is_file() for r in runs)
+    assert all((r.path / "mode_metrics.json").is_file() for r in runs)  # cached for the next aggregation
 
 
 def test_reproduce_reuses_finished_runs_with_the_same_config(grid):
     tmp, _ = grid
+    cached = {p: p.stat().st_mtime_ns for p in (tmp / "runs").rglob("mode_metrics.json")}
     again = reproduce(tmp, *TINY)
     assert again.stdout.count("reusing finished runs") == 3 and "Launching" not in again.stderr
+    assert {p: p.stat().st_mtime_ns for p in (tmp / "runs").rglob("mode_metrics.json")} == cached
 
 
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
