@@ -37,8 +37,7 @@ import torch
 from matplotlib.figure import Figure
 from scipy.sparse.linalg import lsqr
 
-from baselines import SDIGuidance, SDSGuidance, VSDGuidance
-from eval.gradient_quality import CANVAS_CENTER, CANVAS_HALF, UniformSquareDenoiser
+from eval.gradient_quality import CANVAS_CENTER, CANVAS_HALF, baseline_guidances
 from eval.io import save_figure, write_csv
 from msd.mean_shift import MSDGuidance
 from toy2d import ExactDenoiser, fractal_gmm, load_denoiser
@@ -111,16 +110,12 @@ def _mean_nearest(a: np.ndarray, b: np.ndarray) -> float:
 
 def expected_field(method: str, denoiser, x: torch.Tensor, lam: float, repeats: int, gen) -> tuple[np.ndarray, int]:
     """Mean over ``repeats`` draws of target − x at every point [n, 2] and the nfe per draw."""
-    common = dict(t_min=0.02, t_max=0.98, timestep_mode="uniform")
     if method.startswith("msd_"):
         g = MSDGuidance(denoiser, sampler=method[4:], lambda0=lam, num_samples=repeats)
         with torch.no_grad():
             y = g.product_samples(x, lam, gen).mean(0)
         return (y - x).double().numpy(), g.evaluations_per_estimate() // repeats
-    guidance = {"sds": lambda: SDSGuidance(denoiser, **common),
-                "sdi": lambda: SDIGuidance(denoiser, inversion_steps=10, **common),
-                "vsd": lambda: VSDGuidance(denoiser, phi_steps=0, particle_model=UniformSquareDenoiser(), **common),
-                }[method]()
+    guidance = baseline_guidances(denoiser)[method]
     total = torch.zeros_like(x, dtype=torch.float64)
     chunk = max(1, 65536 // x.shape[0])
     done, nfe = 0, 0
