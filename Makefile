@@ -25,6 +25,7 @@ reproduce-toy2d: venv
 	$(PY) -m eval.reproduce_toy2d
 	$(PY) -m eval.gradient_quality
 	$(PY) -m eval.landscapes
+	$(PY) -m eval.toy2d_figures
 
 bench: venv
 	$(PY) -m eval.bench_gmm

@@ -21,7 +21,8 @@ toy's ``exact`` product sampler (exact denoiser only); SDS (t ~ U[0.02, 0.98], w
 spread uniformly over the canvas (their start): ε̂_φ is the exact ε of the uniform square noised to σ,
 so ``target − x = w(σ)(ε̂_q − ε̂_p)`` (VSD's own first step is exactly 0 since ε̂_φ starts as the prior).
 
-``python -m eval.gradient_quality`` writes results/toy2d/gradient_quality.{csv,png} and prints its runtime.
+``python -m eval.gradient_quality`` writes results/toy2d/gradient_quality.{csv,png}, keeps the raw CSV and a W&B run in
+outputs/toy2d_studies/gradient_quality/ and prints its runtime.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ from torch import Tensor, nn
 import baselines  # noqa: F401
 from baselines import SDIGuidance, SDSGuidance, VSDGuidance
 from eval.io import save_figure, write_csv
+from eval.tracking import records, study_logger
 from msd.denoiser import Denoiser, as_sigma, per_sample
 from msd.mean_shift import MSDGuidance
 from toy2d import ExactDenoiser, fractal_gmm, load_denoiser
@@ -48,6 +50,7 @@ CANVAS_HALF = 1.2
 LAMBDAS = (math.sqrt(0.1), 0.1)
 SOLVER_STEPS = (4, 8, 16, 32)
 OUT_DIR = Path("results/toy2d")
+STUDY_DIR = Path("outputs/toy2d_studies")
 COLUMNS = ["method", "denoiser", "lambda", "solver_steps", "num_samples", "nfe", "queries", "repeats",
            "cos_median", "cos_mean", "nmse", "nmse_scaled", "scale", "bias_nmse", "var_nmse", "norm_ratio"]
 
@@ -241,12 +244,21 @@ def figure(frame: pd.DataFrame) -> Figure:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=OUT_DIR)
+    parser.add_argument("--study-dir", type=Path, default=STUDY_DIR / "gradient_quality",
+                        help="the study's run directory (raw CSV, W&B run)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     frame = run_study()
     elapsed = time.perf_counter() - start
+    write_csv(args.study_dir / "gradient_quality.csv", frame)
     write_csv(args.out / "gradient_quality.csv", frame)
-    save_figure(args.out / "gradient_quality.png", figure(frame))
+    fig = figure(frame)
+    save_figure(args.out / "gradient_quality.png", fig)
+    logger = study_logger(args.study_dir, "gradient-quality", {"study": "gradient_quality", "lambdas": list(LAMBDAS),
+                                                               "solver_steps": list(SOLVER_STEPS)})
+    logger.log_table("gradient_quality", records(frame))
+    logger.log_figure("gradient_quality", fig)
+    logger.finish()
     pd.set_option("display.width", 200)
     sel = frame[(frame.queries == "all") & (frame.num_samples == 1) & frame.solver_steps.isin([0, 32])]
     print(sel[["method", "denoiser", "lambda", "nfe", "cos_median", "nmse", "nmse_scaled", "bias_nmse",

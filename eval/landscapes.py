@@ -21,7 +21,8 @@ canvas, integrated by least squares into a potential φ (``∇_h φ ≈ g``), th
   landscape minimum to its nearest exact mode; ``mode_recall_dist``: mean distance of each exact mode to
   its nearest landscape minimum. ``corr_exact``: Pearson correlation over the grid of L with −log p*_λ.
 
-``python -m eval.landscapes`` writes results/toy2d/landscapes.csv and landscape_{exact,learned}.png (prints\nruntime); λ ∈ {√0.1, 0.1}, the exact mixture and the learned class-A model (no MSD-exact for the latter).
+``python -m eval.landscapes`` writes results/toy2d/landscapes.csv and landscape_{exact,learned}.png (prints
+runtime) and keeps each denoiser's raw surfaces, CSV and a W&B run in outputs/toy2d_studies/landscapes_<denoiser>/; λ ∈ {√0.1, 0.1}, the exact mixture and the learned class-A model (no MSD-exact for the latter).
 """
 from __future__ import annotations
 
@@ -38,11 +39,14 @@ from matplotlib.figure import Figure
 from scipy.sparse.linalg import lsqr
 
 from eval.gradient_quality import CANVAS_CENTER, CANVAS_HALF, baseline_guidances
-from eval.io import save_figure, write_csv
+from eval.io import save_figure, write_csv, write_npz
+from eval.tracking import records, study_logger
 from msd.mean_shift import MSDGuidance
 from toy2d import ExactDenoiser, fractal_gmm, load_denoiser
 
 OUT_DIR = Path("results/toy2d")
+STUDY_DIR = Path("outputs/toy2d_studies")
+SURFACES_FILE = "surfaces.npz"
 COLUMNS = ["method", "denoiser", "lambda", "grid", "repeats", "nfe_per_point", "residual_ratio", "n_minima",
            "n_exact_modes", "mean_dist_to_mode", "mode_recall_dist", "corr_exact", "potential_rel_rms"]
 METHODS = ("sds", "sdi", "vsd", "msd_ode", "msd_exact")
@@ -213,17 +217,51 @@ def figure(data: dict, frame: pd.DataFrame) -> Figure:
     return fig
 
 
+def save_data(path: Path, data: dict) -> None:
+    """The landscapes of one denoiser as an .npz (what :func:`figure` draws): grid, λs, surfaces, modes."""
+    lams = list(data["per_lambda"])
+    arrays = {"xs": data["xs"], "ys": data["ys"], "lambdas": np.array(lams), "denoiser": np.array(data["denoiser"])}
+    for i, lam in enumerate(lams):
+        arrays[f"modes__{i}"] = data["per_lambda"][lam]["modes"]
+        for name, surface in data["per_lambda"][lam]["surfaces"].items():
+            arrays[f"surface__{i}__{name}"] = surface
+    write_npz(path, **arrays)
+
+
+def load_data(path: Path) -> dict:
+    """Inverse of :func:`save_data`."""
+    with np.load(path) as arrays:
+        lams = [float(v) for v in arrays["lambdas"]]
+        per_lambda = {}
+        for i, lam in enumerate(lams):
+            surfaces = {key.split("__", 2)[2]: arrays[key] for key in arrays.files
+                        if key.startswith(f"surface__{i}__")}
+            per_lambda[lam] = {"surfaces": surfaces, "modes": arrays[f"modes__{i}"]}
+        return {"per_lambda": per_lambda, "xs": arrays["xs"], "ys": arrays["ys"],
+                "denoiser": str(arrays["denoiser"]), "timings": {}}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=OUT_DIR)
+    parser.add_argument("--study-dir", type=Path, default=STUDY_DIR,
+                        help="run directories landscapes_<denoiser>/ (raw surfaces, CSV, W&B run)")
     parser.add_argument("--denoisers", nargs="+", choices=("exact", "learned"), default=["exact", "learned"])
     args = parser.parse_args(argv)
     start = time.perf_counter()
     frames = []
     for name in args.denoisers:
         frame, data = run_landscapes(denoiser_name=name)
+        run_dir = args.study_dir / f"landscapes_{name}"
+        save_data(run_dir / SURFACES_FILE, data)
+        write_csv(run_dir / "landscapes.csv", frame)
+        fig = figure(data, frame)
+        save_figure(args.out / f"landscape_{name}.png", fig)
+        logger = study_logger(run_dir, f"landscapes-{name}", {"study": "landscapes", "denoiser": name})
+        logger.log_table("landscapes", records(frame))
+        logger.log_figure(f"landscape_{name}", fig)
+        logger.finish()
         frames.append(frame if not frames else frame[frame.method != "exact_field"])
-        save_figure(args.out / f"landscape_{name}.png", figure(data, frame))
         print(f"{name}: field + integration seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in data["timings"].items()))
     frame = pd.concat(frames, ignore_index=True)
     write_csv(args.out / "landscapes.csv", frame)

@@ -3,7 +3,7 @@
 Runs {ddim, sds, vsd, sdi, msd} × {exact, learned} × {no guidance, CFG w = 4 with the class-AB guide},
 plus autoguidance (w = 3, the weak class-A guide) for the learned denoiser and MSD with exact product
 sampling (``msd_exact``, the reference for MSD's ODE sampler; exact unguided mixture only), through the Hydra app
-(one local multirun per setting; every run is a normal run directory
+(one process per run, ``--jobs`` of them at a time, one thread each; every run is a normal run directory
 ``<runs-dir>/<denoiser>_<guide>_w<scale>/<method>/``), then writes ``<results-dir>/metrics.csv``,
 ``metrics.md`` and ``figure_grid.png`` from those run directories. The mode metrics (precision, recall,
 mmd, mode_distance; ``eval.toy_metrics.ModeMetrics``) are computed here from each run's ``particles.npz``
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -33,11 +34,13 @@ import pandas as pd
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from eval.figures import METHOD_COLUMNS, Canvas, DensityMap, RunRecord, find_runs, grid_figure, setting_order
+from eval.figures import METHOD_COLUMNS, RunRecord, setting_order
 from eval.io import save_figure, write_csv, write_json, write_text
+from eval.toy2d_figures import grid_runs, particles_grid
+from eval.tracking import records as records_of
+from eval.tracking import study_logger
 from eval.toy_metrics import (MMD_BANDWIDTHS, MODE_BANDWIDTH, MODE_METRICS_VERSION, MODE_N_REFERENCE, PR_K,
                               class_mode_metrics)
-from toy2d import fractal_gmm
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 README_MARKERS = ("<!-- toy2d-table:start -->", "<!-- toy2d-table:end -->")
@@ -87,14 +90,40 @@ def is_done(run_dir: Path, overrides: list[str]) -> bool:
     return result_relevant(found) == result_relevant(expected)
 
 
-def run_setting(runs_dir: Path, setting: tuple[str, str, float], methods: list[str], extra: list[str]) -> None:
-    """One local Hydra multirun over ``methods`` for one setting."""
-    denoiser, guide, scale = setting
-    command = [sys.executable, "-m", "experiments.run", "-m", "experiment=toy2d",
-               f"guidance={','.join(methods)}", f"denoiser={denoiser}", f"guide={guide}", f"guidance_scale={scale:g}",
-               *extra, f"hydra.sweep.dir={setting_dir(runs_dir, setting)}", "hydra.sweep.subdir=${hydra:runtime.choices.guidance}"]
-    print("+", " ".join(command[1:]), flush=True)
-    subprocess.run(command, cwd=REPO_ROOT, check=True)
+def run_command(runs_dir: Path, setting: tuple[str, str, float], method: str, extra: list[str]) -> list[str]:
+    """One Hydra run writing ``<runs-dir>/<setting>/<method>/``."""
+    run_dir = setting_dir(runs_dir, setting) / method
+    return [sys.executable, "-m", "experiments.run", *run_overrides(method, setting, extra), f"hydra.run.dir={run_dir}"]
+
+
+COST_ORDER = ("msd", "sdi", "vsd", "msd_exact", "sds", "ddim")
+"""Longest runs first (measured), so that parallel workers finish together."""
+
+
+def expected_cost(job: tuple[tuple[str, str, float], str]) -> tuple:
+    (denoiser, _, scale), method = job
+    rank = COST_ORDER.index(method) if method in COST_ORDER else 0
+    return (denoiser != "exact", scale == 1.0, rank)
+
+
+def run_jobs(runs_dir: Path, jobs: list[tuple[tuple[str, str, float], str]], extra: list[str], workers: int) -> None:
+    """Run every (setting, method) job as its own single-threaded process, ``workers`` at a time."""
+    pending = sorted(jobs, key=expected_cost)
+    running: list[tuple[subprocess.Popen, list[str]]] = []
+    failed = []
+    while pending or running:
+        while pending and len(running) < workers:
+            command = run_command(runs_dir, *pending.pop(0), extra)
+            print("+", " ".join(command[1:]), flush=True)
+            running.append((subprocess.Popen(command, cwd=REPO_ROOT), command))
+        time.sleep(0.2)
+        for proc, command in list(running):
+            if proc.poll() is not None:
+                running.remove((proc, command))
+                if proc.returncode != 0:
+                    failed.append(" ".join(command[1:]))
+    if failed:
+        raise RuntimeError("runs failed:\n" + "\n".join(failed))
 
 
 def applicable(method: str, setting: tuple[str, str, float]) -> bool:
@@ -103,7 +132,9 @@ def applicable(method: str, setting: tuple[str, str, float]) -> bool:
     return method != "msd_exact" or (denoiser == "exact" and scale == 1.0)
 
 
-def run_grid(runs_dir: Path, methods: list[str], denoisers: list[str], extra: list[str], force: bool) -> None:
+def run_grid(runs_dir: Path, methods: list[str], denoisers: list[str], extra: list[str], force: bool,
+             workers: int = 1) -> None:
+    jobs = []
     for setting in settings(denoisers):
         methods_here = [m for m in methods if applicable(m, setting)]
         todo = [m for m in methods_here
@@ -111,8 +142,8 @@ def run_grid(runs_dir: Path, methods: list[str], denoisers: list[str], extra: li
         reused = [m for m in methods_here if m not in todo]
         if reused:
             print(f"reusing finished runs {reused} in {setting_dir(runs_dir, setting)}", flush=True)
-        if todo:
-            run_setting(runs_dir, setting, todo, extra)
+        jobs += [(setting, m) for m in todo]
+    run_jobs(runs_dir, jobs, extra, workers)
 
 
 def mode_metrics(record: RunRecord) -> dict[str, float]:
@@ -181,7 +212,9 @@ def update_readme(readme: Path, table_md: str) -> None:
 
 
 def write_results(runs_dir: Path, results_dir: Path) -> pd.DataFrame:
-    records = [r for r in find_runs(runs_dir) if r.final.get("method") in METHOD_COLUMNS]
+    """metrics.csv / metrics.md / figure_grid.png from the run directories; the table and the figure also go
+    to a W&B summary run in ``<runs-dir>/summary``."""
+    records = grid_runs(runs_dir)
     if not records:
         raise FileNotFoundError(f"no finished runs (final.json) under {runs_dir}")
     table = metrics_table(records, runs_dir)
@@ -190,11 +223,12 @@ def write_results(runs_dir: Path, results_dir: Path) -> pd.DataFrame:
     write_text(results_dir / "metrics.md", table_md)
     if results_dir == REPO_ROOT / "results" / "toy2d":
         update_readme(REPO_ROOT / "README.md", table_md)
-    task = records[0].config.task
-    canvas = Canvas(tuple(task.canvas.center), task.canvas.half_size)
-    density = DensityMap.compute(fractal_gmm(task.target_class), canvas,
-                                 records[0].final["hdr_level"], task.figure.resolution)
-    save_figure(results_dir / "figure_grid.png", grid_figure(records, density))
+    figure = particles_grid(records)
+    save_figure(results_dir / "figure_grid.png", figure)
+    logger = study_logger(runs_dir / "summary", "toy2d-grid", {"study": "toy2d_grid", "runs": len(records)})
+    logger.log_table("toy2d_metrics", records_of(table))
+    logger.log_figure("figure_grid", figure)
+    logger.finish()
     return table
 
 
@@ -207,11 +241,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--denoisers", default="exact,learned")
     parser.add_argument("--force", action="store_true", help="rerun finished runs too")
     parser.add_argument("--aggregate-only", action="store_true", help="only rebuild the tables and figure")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="runs in parallel, one thread each (default: min(2, CPU count))")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     runs_dir = args.runs_dir.resolve()
     if not args.aggregate_only:
-        run_grid(runs_dir, args.methods.split(","), args.denoisers.split(","), args.overrides, args.force)
+        run_grid(runs_dir, args.methods.split(","), args.denoisers.split(","), args.overrides, args.force,
+                 max(1, args.jobs))
     table = write_results(runs_dir, args.results_dir.resolve())
     print(table.drop(columns=["run_dir"]).to_string(index=False))
     print(f"sum of run loop times: {table['seconds'].sum():.1f} s; "

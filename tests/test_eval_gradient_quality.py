@@ -10,6 +10,7 @@ import torch
 from eval.gradient_quality import (COLUMNS, UniformSquareDenoiser, exact_mean_shift, figure, query_set, run_study,
                                    score_pool)
 from eval.io import save_figure, write_csv
+from eval.toy2d_figures import build_all
 from toy2d import fractal_gmm
 
 
@@ -57,3 +58,7 @@ def test_gradient_quality_csv_and_figure(tmp_path):
     assert list(pd.read_csv(tmp_path / "gradient_quality.csv").columns) == COLUMNS
     save_figure(tmp_path / "gradient_quality.png", figure(frame), dpi=40)
     assert (tmp_path / "gradient_quality.png").stat().st_size > 0
+    write_csv(tmp_path / "studies" / "gradient_quality" / "gradient_quality.csv", frame)
+    built = build_all(tmp_path / "no_runs", tmp_path / "studies", tmp_path / "results")
+    assert built["gradient_quality.png"] == tmp_path / "studies" / "gradient_quality"
+    assert (tmp_path / "results" / "gradient_quality.png").stat().st_size > 0

@@ -8,7 +8,9 @@ import pandas as pd
 import torch
 
 from eval.io import save_figure, write_csv
-from eval.landscapes import COLUMNS, figure, grid_points, grid_tensor, integrate_field, local_minima, run_landscapes
+from eval.landscapes import (COLUMNS, SURFACES_FILE, figure, grid_points, grid_tensor, integrate_field, load_data,
+                             local_minima, run_landscapes, save_data)
+from eval.toy2d_figures import build_all
 from toy2d import fractal_gmm
 
 
@@ -63,3 +65,18 @@ def test_landscapes_csv_and_figure(tmp_path):
     assert list(pd.read_csv(tmp_path / "landscapes.csv").columns) == COLUMNS
     save_figure(tmp_path / "landscape_learned.png", figure(data, frame), dpi=40)
     assert (tmp_path / "landscape_learned.png").stat().st_size > 0
+    # the raw surfaces round-trip exactly, and the figure builder redraws from the study directory alone
+    study = tmp_path / "studies" / "landscapes_learned"
+    save_data(study / SURFACES_FILE, data)
+    write_csv(study / "landscapes.csv", frame)
+    loaded = load_data(study / SURFACES_FILE)
+    assert loaded["denoiser"] == "learned" and list(loaded["per_lambda"]) == list(data["per_lambda"])
+    for lam, entry in data["per_lambda"].items():
+        assert np.array_equal(loaded["per_lambda"][lam]["modes"], entry["modes"])
+        assert loaded["per_lambda"][lam]["surfaces"].keys() == entry["surfaces"].keys()
+        for name, surface in entry["surfaces"].items():
+            assert np.array_equal(loaded["per_lambda"][lam]["surfaces"][name], surface)
+    built = build_all(tmp_path / "no_runs", tmp_path / "studies", tmp_path / "results")
+    assert built["landscape_learned.png"] == study and built["figure_grid.png"] is None
+    assert built["landscape_exact.png"] is None and built["gradient_quality.png"] is None
+    assert (tmp_path / "results" / "landscape_learned.png").stat().st_size > 0

@@ -13,6 +13,7 @@ import pytest  # noqa: E402
 from eval.figures import find_runs  # noqa: E402
 from eval.io import write_text  # noqa: E402
 from eval.reproduce_toy2d import settings  # noqa: E402
+from eval.toy2d_figures import build_all  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["task.grid_size=6", "task.steps=2", "task.solver_steps=3", "task.eval.n_reference=2000",
@@ -59,6 +60,9 @@ def test_reproduce_writes_tables_and_figure_from_run_dirs(grid):
     runs = find_runs(tmp / "runs")
     assert len(runs) == 6 and all((r.path / ".hydra" / "config.yaml").is_file() for r in runs)
     assert all((r.path / "mode_metrics.json").is_file() for r in runs)  # cached for the next aggregation
+    built = build_all(tmp / "runs", tmp / "no_studies", tmp / "redrawn")
+    assert built["figure_grid.png"] == tmp / "runs" and built["gradient_quality.png"] is None
+    assert (tmp / "redrawn" / "figure_grid.png").stat().st_size > 10_000
 
 
 def test_reproduce_reuses_finished_runs_with_the_same_config(grid):

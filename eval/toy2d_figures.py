@@ -1,0 +1,84 @@
+"""The one figure builder of results/toy2d/: every figure there is redrawn from run directories.
+
+* ``figure_grid.png`` — the final particles of every grid run (``<runs-dir>/<setting>/<method>/``:
+  config.yaml, final.json, particles.npz), over the exact class-A density.
+* ``gradient_quality.png`` — from ``<studies-dir>/gradient_quality/gradient_quality.csv``.
+* ``landscape_<denoiser>.png`` — from ``<studies-dir>/landscapes_<denoiser>/{surfaces.npz, landscapes.csv}``.
+
+``python -m eval.toy2d_figures`` rebuilds whatever of these has its run directories (and says which it
+skipped); the reproduce scripts draw their figures through the same functions.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+
+from eval import gradient_quality, landscapes
+from eval.figures import METHOD_COLUMNS, Canvas, DensityMap, RunRecord, find_runs, grid_figure
+from eval.io import save_figure
+from toy2d import fractal_gmm
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RUNS_DIR = REPO_ROOT / "outputs" / "toy2d_grid"
+STUDIES_DIR = REPO_ROOT / "outputs" / "toy2d_studies"
+RESULTS_DIR = REPO_ROOT / "results" / "toy2d"
+
+
+def grid_runs(runs_dir: Path) -> list[RunRecord]:
+    """The finished grid runs (methods of the grid figure's columns) below ``runs_dir``."""
+    return [r for r in find_runs(runs_dir) if r.final.get("method") in METHOD_COLUMNS]
+
+
+def particles_grid(records: list[RunRecord]):
+    """Grid figure of the runs' final particles over the exact density of their target class."""
+    task = records[0].config.task
+    canvas = Canvas(tuple(task.canvas.center), task.canvas.half_size)
+    density = DensityMap.compute(fractal_gmm(task.target_class), canvas, records[0].final["hdr_level"],
+                                 task.figure.resolution)
+    return grid_figure(records, density)
+
+
+def gradient_quality_figure(study_dir: Path):
+    return gradient_quality.figure(pd.read_csv(study_dir / "gradient_quality.csv"))
+
+
+def landscape_figure(study_dir: Path):
+    return landscapes.figure(landscapes.load_data(study_dir / landscapes.SURFACES_FILE),
+                             pd.read_csv(study_dir / "landscapes.csv"))
+
+
+def build_all(runs_dir: Path = RUNS_DIR, studies_dir: Path = STUDIES_DIR, results_dir: Path = RESULTS_DIR) -> dict:
+    """Redraw every figure whose inputs exist; returns {figure file: source directory or None if skipped}."""
+    built: dict[str, Path | None] = {}
+    records = grid_runs(runs_dir) if runs_dir.is_dir() else []
+    if records:
+        save_figure(results_dir / "figure_grid.png", particles_grid(records))
+    built["figure_grid.png"] = runs_dir if records else None
+    study = studies_dir / "gradient_quality"
+    ok = (study / "gradient_quality.csv").is_file()
+    if ok:
+        save_figure(results_dir / "gradient_quality.png", gradient_quality_figure(study))
+    built["gradient_quality.png"] = study if ok else None
+    for denoiser in ("exact", "learned"):
+        study = studies_dir / f"landscapes_{denoiser}"
+        ok = (study / landscapes.SURFACES_FILE).is_file() and (study / "landscapes.csv").is_file()
+        if ok:
+            save_figure(results_dir / f"landscape_{denoiser}.png", landscape_figure(study))
+        built[f"landscape_{denoiser}.png"] = study if ok else None
+    return built
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs-dir", type=Path, default=RUNS_DIR)
+    parser.add_argument("--studies-dir", type=Path, default=STUDIES_DIR)
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    for name, source in build_all(args.runs_dir, args.studies_dir, args.results_dir).items():
+        print(f"{name}: " + (f"redrawn from {source}" if source else "skipped (no run directory)"))
+
+
+if __name__ == "__main__":
+    main()
