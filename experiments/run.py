@@ -14,11 +14,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from eval.io import write_text
-from experiments import toy2d
+from experiments import text2d, toy2d
 from experiments.loggers import build_logger, check_logger_config
 from msd.guidance import require
 
-TASK_DRIVERS = {"toy2d": toy2d}
+TASK_DRIVERS = {"toy2d": toy2d, "text2d": text2d}
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
@@ -43,7 +43,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     final = run(cfg, Path(HydraConfig.get().runtime.output_dir))
-    return final["nll"]
+    return final[TASK_DRIVERS[cfg.task.name].OBJECTIVE]
 
 
 if __name__ == "__main__":

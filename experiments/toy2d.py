@@ -34,6 +34,10 @@ build = build_toy2d
 """The driver interface of ``experiments.run``: ``build(cfg) -> setup``, then ``run(cfg, setup, run_dir, logger)``."""
 
 
+OBJECTIVE = "nll"
+"""The final metric a Hydra sweep over this task optimises."""
+
+
 @functools.lru_cache(maxsize=4)
 def toy_evaluator(target_class: str, n_reference: int, seed: int, hdr_mass: float) -> ToyEvaluator:
     """Evaluators are deterministic in their arguments: cached across the jobs of one multirun process."""

@@ -80,6 +80,18 @@ class VPSchedule(NoiseSchedule):
                                   beta_schedule="scaled_linear")
         return cls(scheduler.alphas_cumprod)
 
+    @classmethod
+    def from_scheduler_config(cls, config: dict) -> "VPSchedule":
+        """The training schedule of a diffusers model: ``alphas_cumprod`` of the DDPM scheduler built
+        from its scheduler config (any SD-style scheduler class; betas, T and trained_betas are read)."""
+        from diffusers import DDPMScheduler
+
+        alphas_cumprod = DDPMScheduler.from_config(config).alphas_cumprod
+        if not bool(((alphas_cumprod > 0) & (alphas_cumprod < 1)).all()):
+            raise ValueError("scheduler config gives alphas_cumprod outside (0, 1) (e.g. a zero-terminal-SNR "
+                             "schedule); a VE view needs finite, positive sigma at every timestep")
+        return cls(alphas_cumprod)
+
     def sigma(self, t: Tensor) -> Tensor:
         t = torch.as_tensor(t, dtype=torch.float64)
         pos = t.clamp(0.0, 1.0) * (self.num_train_timesteps - 1)

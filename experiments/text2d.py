@@ -1,0 +1,368 @@
+"""Text-to-2D driver (paper Table 4 / supplementary Fig. 1): optimise ``images_per_prompt`` images per prompt
+with a guidance on a diffusers prior, and track FID against DDIM samples of the same prior and prompts.
+
+Per iteration: ``x = g(ψ)`` in the prior's sample space (VAE latents or pixels; a coordinate-MLP generator
+may instead render RGB that the VAE encodes, ``generator.space = image``), the guidance gives a detached
+target ``y``, and Adam descends ``½‖x − sg(y)‖²`` (DESIGN §3). ``guidance=ddim`` is the reference row: DDIM
+(Euler PF-ODE) samples of the same prompts. Every ``eval.every`` iterations (and at the first and last) the
+decoded images are scored: FID against the DDIM reference set (cached per prior/prompts/seed, shared by all
+methods), and on ShapesWorld also FID against true renders, prompt accuracy and the mode-alignment
+distance. ``unet_evals`` counts network evaluations per image (CFG = 2 per call; VSD's LoRA forward and its
+training steps included), as the guidances report them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+import baselines  # noqa: F401  (registers "sds", "vsd", "sdi")
+import msd  # noqa: F401  (registers "msd")
+from eval.fid import ClassifierFeatures, FIDTracker, inception_features
+from eval.io import save_figure, write_csv, write_json, write_npz
+from experiments.builders import method_label
+from experiments.loggers import RunLogger
+from msd.denoiser import Denoiser
+from msd.generators import FourierImageMLP, ImageGrid
+from msd.guidance import Guidance, available_guidances, build_guidance, require, target_loss
+from msd.priors import DiffusersPrior, locate_prior
+from msd.solvers import SOLVERS, sample, solver_evaluations
+
+OBJECTIVE = "fid"
+REFERENCE_SAMPLER = "ddim"
+GENERATORS = ("grid", "mlp")
+SPACES = ("sample", "image")
+FEATURES = ("classifier", "inception")
+OPTIMIZERS = ("adam",)
+LORA_FIELDS = ("lora_rank", "lora_alpha")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def repo_path(path: str | Path) -> Path:
+    """``path`` itself if absolute, else relative to the repository root."""
+    path = Path(path)
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+@dataclass
+class Text2DSetup:
+    """The run's objects; ``guidance`` is None for the DDIM reference row."""
+
+    prior: DiffusersPrior
+    prompts: list[str]
+    denoiser: Denoiser
+    guidance: Guidance | None
+    generator: nn.Module | None
+    world: bool
+
+
+def per_image_prompts(task: DictConfig) -> list[str]:
+    """Each prompt ``images_per_prompt`` times, prompt-major."""
+    return [p for p in task.prompts for _ in range(int(task.images_per_prompt))]
+
+
+def check_task(cfg: DictConfig) -> None:
+    task = cfg.task
+    require(len(task.prompts) >= 1, "task.prompts", "a non-empty list of strings", task.prompts)
+    require(task.images_per_prompt >= 1, "task.images_per_prompt", ">= 1", task.images_per_prompt)
+    require(task.steps >= 1, "task.steps", ">= 1", task.steps)
+    require(task.generator.name in GENERATORS, "task.generator.name", f"one of {GENERATORS}", task.generator.name)
+    require(task.generator.space in SPACES, "task.generator.space", f"one of {SPACES}", task.generator.space)
+    require(task.optimizer.name in OPTIMIZERS, "task.optimizer.name", f"one of {OPTIMIZERS}", task.optimizer.name)
+    require(task.optimizer.lr > 0, "task.optimizer.lr", "> 0", task.optimizer.lr)
+    require(task.eval.every >= 1, "task.eval.every", ">= 1", task.eval.every)
+    require(task.eval.reference_per_prompt >= 1, "task.eval.reference_per_prompt", ">= 1",
+            task.eval.reference_per_prompt)
+    require(task.eval.reference_solver in SOLVERS, "task.eval.reference_solver", f"one of {SOLVERS}",
+            task.eval.reference_solver)
+    require(task.eval.features in FEATURES, "task.eval.features", f"one of {FEATURES}", task.eval.features)
+    require(task.eval.features != "inception" or task.eval.inception_path,
+            "task.eval.inception_path", "a TorchScript Inception file when task.eval.features=inception",
+            task.eval.inception_path)
+
+
+def build_generator(cfg: DictConfig, prior: DiffusersPrior, batch: int, generator: torch.Generator) -> nn.Module:
+    """g(ψ): renders [B, C, H, W] in the prior's sample space (``space=sample``) or RGB (``space=image``)."""
+    spec = cfg.task.generator
+    if spec.space == "image":
+        channels, (height, width) = prior.image_channels, prior.image_size
+    else:
+        channels, height, width = prior.sample_shape
+    if spec.name == "grid":
+        return ImageGrid(batch, channels, height, width, init_std=float(spec.init_std), generator=generator)
+    output = "tanh" if spec.space == "image" or not prior.latent else "none"
+    return FourierImageMLP(batch, channels, height, width, hidden=int(spec.hidden), layers=int(spec.layers),
+                           num_frequencies=int(spec.num_frequencies), frequency_std=float(spec.frequency_std),
+                           output=output, generator=generator)
+
+
+def build_text2d_guidance(cfg: DictConfig, prior: DiffusersPrior, prompts: list[str], denoiser: Denoiser,
+                          generator: torch.Generator) -> Guidance:
+    """``build_guidance(guidance.name, ...)`` with the prior's VP schedule; VSD's ε̂_φ is a LoRA on the UNet."""
+    kwargs = OmegaConf.to_container(cfg.guidance, resolve=True)
+    name = kwargs.pop("name")
+    lora = {field: kwargs.pop(field) for field in LORA_FIELDS if field in kwargs}
+    if name == "vsd":
+        require("lora_rank" in lora, "guidance.lora_rank", "set for a diffusers prior (VSD's ε̂_φ is a LoRA)", None)
+        prior.add_lora(rank=int(lora["lora_rank"]), alpha=lora.get("lora_alpha"), generator=generator)
+        kwargs["particle_model"] = prior.lora_denoiser(prompts)
+        for toy_only in ("phi_hidden", "phi_layers"):
+            kwargs.pop(toy_only, None)
+    else:
+        require(not lora, "guidance.lora_rank/lora_alpha", "only for guidance=vsd", lora)
+    try:
+        return build_guidance(name, denoiser=denoiser, noise_schedule=prior.schedule, **kwargs)
+    except TypeError as error:
+        raise ValueError(f"guidance={name}: {error}") from error
+
+
+def build(cfg: DictConfig) -> Text2DSetup:
+    """Check the config and build the run's objects (fails with the field name before writing anything)."""
+    require(cfg.get("prior") is not None, "prior", "a prior preset (prior=shapes | sd21 | sd15)", None)
+    location = locate_prior(cfg.prior.name, cfg.prior.path)  # a missing model fails first, with how to get it
+    check_task(cfg)
+    name = cfg.guidance.name
+    allowed = (*available_guidances(), REFERENCE_SAMPLER)
+    require(name in allowed, "guidance.name", f"one of {allowed}", name)
+    prior = DiffusersPrior.from_pretrained(location, device=cfg.device, dtype=cfg.prior.dtype)
+    prompts = per_image_prompts(cfg.task)
+    interval = cfg.guidance_interval
+    denoiser = prior.denoiser(prompts, float(cfg.guidance_scale), tuple(interval) if interval is not None else None)
+    world = cfg.prior.name == "shapes"
+    require(world or cfg.task.eval.features == "inception", "task.eval.features",
+            "inception for a prior other than shapes (the classifier features are ShapesWorld's)",
+            cfg.task.eval.features)
+    if name == REFERENCE_SAMPLER:
+        require(cfg.guidance.solver in SOLVERS, "guidance.solver", f"one of {SOLVERS}", cfg.guidance.solver)
+        return Text2DSetup(prior, prompts, denoiser, None, None, world)
+    generator = torch.Generator().manual_seed(int(cfg.seed))
+    guidance = build_text2d_guidance(cfg, prior, prompts, denoiser, generator)
+    image_generator = build_generator(cfg, prior, len(prompts), generator).to(prior.device)
+    return Text2DSetup(prior, prompts, denoiser, guidance, image_generator, world)
+
+
+# --- sampling and evaluation ---------------------------------------------------------------------------------
+
+def ddim_samples(prior: DiffusersPrior, denoiser: Denoiser, n: int, steps: int, solver: str,
+                 generator: torch.Generator, batch: int = 64) -> Tensor:
+    """PF-ODE (DDIM = Euler) samples of the prior in its sample space: ``x̂_T = √(1+σ_max²) n`` (``z_T = n``),
+    integrated down ``prior.schedule.grid(steps)``. ``denoiser`` is conditioned per sample (its batch = n)."""
+    sigmas = prior.schedule.grid(steps)
+    noise = torch.randn(n, *prior.sample_shape, generator=generator).to(prior.device)
+    out = []
+    with torch.no_grad():
+        for start in range(0, n, batch):
+            x = noise[start:start + batch] * float((1 + sigmas[0] ** 2) ** 0.5)
+            out.append(sample(_rows(denoiser, start, x.shape[0]), x, sigmas, solver))
+    return torch.cat(out)
+
+
+class _RowView(Denoiser):
+    """Rows ``[start, start + n)`` of a per-sample-conditioned prior view (for batched sampling)."""
+
+    def __init__(self, prior: DiffusersPrior, prompts: list[str], scale: float, interval):
+        self.inner = prior.denoiser(prompts, scale, interval)
+        self.vp = True
+
+    @property
+    def evaluations_per_call(self) -> int:
+        return self.inner.evaluations_per_call
+
+    def eps(self, x: Tensor, sigma: Tensor) -> Tensor:
+        return self.inner.eps(x, sigma)
+
+
+def _rows(denoiser: Denoiser, start: int, n: int) -> Denoiser:
+    return denoiser if not isinstance(denoiser, _RowFactory) else denoiser.view(start, n)
+
+
+class _RowFactory(Denoiser):
+    """A per-sample prompt list that hands out row views, so DDIM reference sets can be sampled in batches."""
+
+    vp = True
+
+    def __init__(self, prior: DiffusersPrior, prompts: list[str], scale: float, interval):
+        self.prior, self.prompts, self.scale, self.interval = prior, prompts, scale, interval
+
+    def view(self, start: int, n: int) -> Denoiser:
+        return _RowView(self.prior, self.prompts[start:start + n], self.scale, self.interval)
+
+    def eps(self, x: Tensor, sigma: Tensor) -> Tensor:
+        return self.view(0, x.shape[0]).eps(x, sigma)
+
+
+def reference_images(cfg: DictConfig, prior: DiffusersPrior, cache_dir: Path) -> tuple[Tensor, list[str]]:
+    """DDIM reference images [P·R, C, H, W] in [−1, 1] and their prompts, cached under ``cache_dir`` by a
+    hash of everything they depend on (prior, prompts, counts, steps, scale, seed)."""
+    ev = cfg.task.eval
+    key = {"prior": cfg.prior.name, "path": str(cfg.prior.path), "prompts": list(cfg.task.prompts),
+           "per_prompt": int(ev.reference_per_prompt), "steps": int(ev.reference_steps),
+           "solver": ev.reference_solver, "scale": float(ev.reference_guidance_scale), "seed": int(ev.reference_seed)}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"ddim_reference_{digest}.npz"
+    prompts = [p for p in cfg.task.prompts for _ in range(int(ev.reference_per_prompt))]
+    if path.is_file():
+        with np.load(path) as arrays:
+            return torch.from_numpy(arrays["images"]), prompts
+    generator = torch.Generator().manual_seed(int(ev.reference_seed))
+    factory = _RowFactory(prior, prompts, float(ev.reference_guidance_scale), None)
+    samples = ddim_samples(prior, factory, len(prompts), int(ev.reference_steps), ev.reference_solver, generator)
+    images = decode_images(prior, samples)
+    write_npz(path, images=images.numpy(), key=np.array(json.dumps(key)))
+    return images, prompts
+
+
+def decode_images(prior: DiffusersPrior, samples: Tensor, batch: int = 32) -> Tensor:
+    """Model samples → float32 CPU images in [−1, 1]."""
+    with torch.no_grad():
+        return torch.cat([prior.decode(s).clamp(-1, 1).float().cpu() for s in samples.split(batch)])
+
+
+class Scorer:
+    """FID against the DDIM reference (and, on ShapesWorld, against true renders), prompt accuracy and the
+    mode-alignment distance of a set of images."""
+
+    def __init__(self, cfg: DictConfig, setup: Text2DSetup, cache_dir: Path):
+        ev = cfg.task.eval
+        self.world, self.mode_distance = setup.world, bool(ev.mode_distance)
+        if setup.world:
+            from shapes.models import ShapesClassifier
+            from shapes.world import prompt_id, sample_world
+
+            self.classifier = ShapesClassifier.load(repo_path(cfg.prior.classifier)).eval()
+            features = ClassifierFeatures(self.classifier.features, self.classifier.num_features)
+            self.prompt_ids = torch.tensor([prompt_id(p) for p in setup.prompts])
+            true_ids = torch.tensor([prompt_id(p) for p in cfg.task.prompts
+                                     for _ in range(int(ev.reference_per_prompt))])
+            renders, _ = sample_world(len(true_ids), torch.Generator().manual_seed(int(ev.reference_seed) + 1),
+                                      prompts=true_ids, resolution=setup.prior.image_size[0])
+            self.true_fid = FIDTracker(features, renders)
+        else:
+            features = inception_features(ev.inception_path)
+        reference, _ = reference_images(cfg, setup.prior, cache_dir)
+        self.reference = reference
+        self.fid = FIDTracker(features, reference)
+
+    def __call__(self, images: Tensor, final: bool = False) -> dict[str, float]:
+        row = {"fid": self.fid.fid(images)}
+        if self.world:
+            from shapes.metrics import mode_alignment_distance, prompt_accuracy
+
+            row["fid_true"] = self.true_fid.fid(images)
+            row["prompt_accuracy"] = prompt_accuracy(self.classifier, images, self.prompt_ids)
+            if final or self.mode_distance:
+                row["mode_distance"] = float(mode_alignment_distance(images, self.prompt_ids).mean())
+        return row
+
+
+# --- the run -------------------------------------------------------------------------------------------------
+
+def image_grid_figure(images: Tensor, prompts: list[str], per_prompt: int, title: str) -> Figure:
+    """Rows: prompts; columns: the images of each prompt (at most 8)."""
+    rows, cols = len(prompts) // per_prompt, min(per_prompt, 8)
+    figure = Figure(figsize=(1.1 * cols + 1.6, 1.1 * rows + 0.4))
+    axes = figure.subplots(rows, cols, squeeze=False)
+    pixels = ((images.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
+    for r in range(rows):
+        for c in range(cols):
+            ax = axes[r, c]
+            ax.imshow(pixels[r * per_prompt + c], interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[r, 0].set_ylabel(prompts[r * per_prompt], fontsize=6, rotation=0, ha="right", va="center")
+    figure.suptitle(title, fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def run(cfg: DictConfig, setup: Text2DSetup, run_dir: Path, logger: RunLogger) -> dict:
+    """One text-to-2D run into ``run_dir``: metrics.csv (every eval), final.json, images.npz, images.png."""
+    start = time.perf_counter()
+    task = cfg.task
+    run_dir = Path(run_dir)
+    scorer = Scorer(cfg, setup, Path(task.eval.cache_dir))
+    method = method_label(cfg.guidance)
+    rows: list[dict] = []
+    if setup.guidance is None:
+        generator = torch.Generator().manual_seed(int(cfg.seed))
+        tic = time.perf_counter()
+        steps = int(cfg.guidance.solver_steps)
+        samples = ddim_samples(setup.prior, _RowFactory(setup.prior, setup.prompts, float(cfg.guidance_scale),
+                                                        cfg.guidance_interval), len(setup.prompts), steps,
+                               cfg.guidance.solver, generator)
+        seconds = time.perf_counter() - tic
+        images = decode_images(setup.prior, samples)
+        evals = float(solver_evaluations(steps, cfg.guidance.solver) * setup.denoiser.evaluations_per_call)
+        rows.append({"iteration": steps, "unet_evals": evals, **scorer(images, final=True)})
+        done, ms_per_iter = steps, 1e3 * seconds / steps
+    else:
+        images, done, seconds, ms_per_iter = optimise(cfg, setup, scorer, rows, logger)
+    final = {"method": method, "prior": cfg.prior.name, "guidance_scale": float(cfg.guidance_scale),
+             "seed": int(cfg.seed), **{k: v for k, v in rows[-1].items() if k not in ("iteration",)},
+             "iterations": done, "unet_evals_per_iter": rows[-1]["unet_evals"] / max(done, 1),
+             "ms_per_iter": round(ms_per_iter, 3), "seconds": round(seconds, 3), "images": len(setup.prompts)}
+    write_csv(run_dir / "metrics.csv", pd.DataFrame(rows))
+    write_npz(run_dir / "images.npz", images=images.numpy(), prompts=np.array(setup.prompts))
+    figure = image_grid_figure(images, setup.prompts, int(task.images_per_prompt),
+                               f"{method} on {cfg.prior.name}, w={float(cfg.guidance_scale):g}: FID {final['fid']:.2f}")
+    save_figure(run_dir / "images.png", figure)
+    logger.log_figure("images", figure)
+    final["total_seconds"] = round(time.perf_counter() - start, 3)
+    write_json(run_dir / "final.json", final)
+    logger.log_table("final_metrics", [final])
+    return final
+
+
+def optimise(cfg: DictConfig, setup: Text2DSetup, scorer: Scorer, rows: list[dict],
+             logger: RunLogger) -> tuple[Tensor, int, float, float]:
+    """Adam on ψ for ``task.steps`` iterations (MSD may stop early); scores every ``eval.every``."""
+    task = cfg.task
+    generator = torch.Generator().manual_seed(int(cfg.seed) + 1)
+    params = [p for p in setup.generator.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=float(task.optimizer.lr), betas=tuple(task.optimizer.betas))
+    image_space = task.generator.space == "image"
+
+    def render() -> Tensor:
+        out = setup.generator()
+        return setup.prior.encode(out) if image_space else out
+
+    def score(iteration: int, evals: float, final: bool = False) -> None:
+        with torch.no_grad():
+            images = (setup.generator().clamp(-1, 1).float().cpu() if image_space
+                      else decode_images(setup.prior, setup.generator()))
+        row = {"iteration": iteration, "unet_evals": evals, **scorer(images, final)}
+        rows.append(row)
+        logger.log_scalars(row, step=iteration)
+
+    evals, seconds, done = 0.0, 0.0, 0
+    score(0, 0.0)
+    for step in range(int(task.steps)):
+        if setup.guidance.should_stop(step):
+            break
+        tic = time.perf_counter()
+        x = render()
+        out = setup.guidance(x, step, generator)
+        loss = target_loss(x, out.target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        seconds += time.perf_counter() - tic
+        evals += float(out.aux.get("nfe", 0.0))
+        done = step + 1
+        if done % int(task.eval.every) == 0 and done < int(task.steps):
+            logger.log_scalars({"loss": float(loss), **out.aux}, step=done)
+            score(done, evals)
+    score(done, evals, final=True)
+    with torch.no_grad():
+        images = (setup.generator().clamp(-1, 1).float().cpu() if image_space
+                  else decode_images(setup.prior, setup.generator()))
+    return images, done, seconds, 1e3 * seconds / max(done, 1)

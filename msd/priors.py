@@ -1,0 +1,398 @@
+"""Diffusers priors (Stable-Diffusion-style text-to-image models) behind the :class:`Denoiser` protocol.
+
+A prior is a directory with the subfolders ``unet/`` (UNet2DConditionModel), ``text_encoder/``
+(CLIPTextModel), ``tokenizer/``, ``scheduler/`` and, for a latent model, ``vae/`` (AutoencoderKL). Each
+component is loaded with its own class's ``from_pretrained(dir, subfolder=..., local_files_only=True)``,
+so a pixel-space model without a VAE loads through the same code. Nothing is ever downloaded: a hub
+repo id is looked up in the local Hugging Face cache only, and a missing model raises
+:class:`PriorNotFoundError` at once with the command that downloads it.
+
+Conventions (DESIGN §3). The model is VP: ``z_t = α_t x + s_t ε``, ``α_t = √ᾱ_t``, ``s_t = √(1−ᾱ_t)``,
+seen in VE coordinates through ``x̂ = z_t/α_t``, ``σ = s_t/α_t``. A view's ``eps(x̂, σ)``
+feeds the UNet ``z = α x̂`` with ``α = 1/√(1+σ²)`` and the fractional DDPM timestep
+``t = VPSchedule.timestep(σ)`` (log-σ interpolation between the integer timesteps of the model's own
+``alphas_cumprod``; σ outside the trained range is clamped to t ∈ [0, T−1] for the timestep only).
+A v-prediction output is converted with ``ε = s z + α v`` (``s = σ α``). CFG is
+``ε̂ = ε̂_u + w (ε̂_c − ε̂_u)`` against the empty prompt, both halves in one UNet forward.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from msd.denoiser import Denoiser, GuidedDenoiser, as_sigma, per_sample
+from msd.schedules import VPSchedule
+
+REQUIRED_SUBFOLDERS = ("unet", "text_encoder", "tokenizer", "scheduler")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class PriorNotFoundError(FileNotFoundError):
+    """The prior's files are not on this machine; the message says how to get them."""
+
+
+@dataclass(frozen=True)
+class PriorPreset:
+    """Where a named prior lives: hub repo ids looked up in the local HF cache (first found wins;
+    ``repo_ids[0]`` is the one to download), or a directory relative to the repository root."""
+
+    description: str
+    repo_ids: tuple[str, ...] = ()
+    local_dir: str | None = None
+
+    def candidates(self) -> list[str]:
+        return [str(REPO_ROOT / self.local_dir)] if self.local_dir else list(self.repo_ids)
+
+    def how_to_get(self, local_dir: str = "DIR") -> str:
+        if self.local_dir:
+            return (f"This repository trains it into {self.local_dir}/ (`python -m experiments.train_shapes`); "
+                    f"train it first or pass prior.path=<dir> to a copy.")
+        return (f"Download it once, on a machine with network access:\n    {download_command(self.repo_ids[0])}\n"
+                f"then run with HF_HUB_CACHE (or HF_HOME) pointing at that cache, or add `--local-dir {local_dir}` "
+                f"to the command and pass prior.path={local_dir}.")
+
+
+PRESETS: dict[str, PriorPreset] = {
+    # The paper's model family (ProlificDreamer, threestudio's dreamfusion-sd config): ε-prediction, 512 px.
+    "sd21": PriorPreset("Stable Diffusion 2.1-base", repo_ids=("stabilityai/stable-diffusion-2-1-base",)),
+    # threestudio's default runwayml/stable-diffusion-v1-5 was taken down from the hub; its official mirror
+    # is the id to download, and a cache that still holds the old id is used as well.
+    "sd15": PriorPreset("Stable Diffusion 1.5", repo_ids=("stable-diffusion-v1-5/stable-diffusion-v1-5",
+                                                          "runwayml/stable-diffusion-v1-5")),
+    # The ShapesWorld pixel-space prior this repository trains (no VAE).
+    "shapes": PriorPreset("ShapesWorld pixel-space prior", local_dir="shapes/prior"),
+}
+
+
+def download_command(repo_id: str) -> str:
+    """``hf download`` of the diffusers component folders only (no single-file checkpoints, .bin,
+    fp16/non-EMA variants or safety checker)."""
+    return (f'hf download {repo_id} --include "*/*.json" --include "*/*.txt" '
+            f'--include "*/*model.safetensors" --exclude "safety_checker/*"')
+
+
+def get_preset(name: str) -> PriorPreset:
+    if name not in PRESETS:
+        raise ValueError(f"prior.name must be one of {tuple(PRESETS)}, got {name!r}")
+    return PRESETS[name]
+
+
+def _cached_snapshot(repo_id: str) -> Path | None:
+    """The repo's snapshot folder in the local HF cache, or None; never touches the network."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError):
+        return None
+
+
+def _existing(source: str) -> Path | None:
+    """A local directory, else a hub repo id's cached snapshot, else None."""
+    directory = Path(source).expanduser()
+    if directory.is_dir():
+        return directory
+    return _cached_snapshot(source) if _REPO_ID.match(source) else None
+
+
+def locate_prior(name: str = "sd21", path: str | Path | None = None) -> Path:
+    """Directory of prior ``name`` (a key of :data:`PRESETS`), or of ``path`` (a local directory or a
+    hub repo id in the local cache) when given. Raises :class:`PriorNotFoundError` at once if absent."""
+    preset = get_preset(name)
+    sources = [str(path)] if path is not None else preset.candidates()
+    directory = next((found for found in map(_existing, sources) if found is not None), None)
+    if directory is None:
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        if path is not None:
+            where = f"prior.path={path} is neither a local directory nor a model in the local Hugging Face cache"
+        elif preset.local_dir:
+            where = f"{sources[0]} does not exist"
+        else:
+            where = f"{' / '.join(sources)} is not in the local Hugging Face cache ({HF_HUB_CACHE})"
+        raise PriorNotFoundError(f"prior {name!r} ({preset.description}): {where}; nothing is downloaded at run "
+                                 f"time. {preset.how_to_get(str(path) if path is not None else 'DIR')}")
+    missing = [sub for sub in REQUIRED_SUBFOLDERS if not (directory / sub).is_dir()]
+    if missing:
+        raise PriorNotFoundError(f"prior {name!r} at {directory} lacks the subfolder(s) {missing} (a prior needs "
+                                 f"{', '.join(REQUIRED_SUBFOLDERS)}, plus vae for a latent model). "
+                                 f"{preset.how_to_get()}")
+    return directory
+
+
+def default_device(device: torch.device | str | None) -> torch.device:
+    """``device``, or CUDA when available, else the CPU."""
+    return torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def parse_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    """``None`` → float16 on CUDA, float32 elsewhere; else a torch dtype or one of :data:`DTYPES`' names."""
+    if dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"prior.dtype must be null or one of {tuple(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def load_prior(name: str = "sd21", path: str | Path | None = None, device: torch.device | str | None = None,
+               dtype: torch.dtype | str | None = None) -> "DiffusersPrior":
+    """Load preset ``name`` (or the model at ``path``) onto ``device`` (default: CUDA if available)."""
+    return DiffusersPrior.from_pretrained(locate_prior(name, path), device=device, dtype=dtype)
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+class DiffusersPrior:
+    """A frozen SD-style model: text embeddings, the VE ε-prediction of the UNet, encode/decode, LoRA.
+
+    ``sample_shape`` (C, H, W) is the space the denoiser works in (VAE latents or pixels), ``image_size``
+    (H, W) the decoded image size; both come from the component configs.
+    """
+
+    def __init__(self, unet, text_encoder, tokenizer, scheduler_config: dict, vae=None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | str | None = None):
+        self.device = default_device(device)
+        self.dtype = parse_dtype(dtype, self.device)
+        self.prediction_type = scheduler_config.get("prediction_type", "epsilon")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"scheduler prediction_type must be one of {PREDICTION_TYPES}, "
+                             f"got {self.prediction_type!r}")
+        self.schedule = VPSchedule.from_scheduler_config(scheduler_config)
+        self.unet, self.text_encoder, self.vae, self.tokenizer = unet, text_encoder, vae, tokenizer
+        for module in (unet, text_encoder, vae):
+            if module is not None:
+                module.to(self.device)
+                if module.dtype != self.dtype:
+                    module.to(self.dtype)
+                module.requires_grad_(False).eval()
+        channels = unet.config.in_channels
+        if vae is not None and vae.config.latent_channels != channels:
+            raise ValueError(f"vae latent_channels ({vae.config.latent_channels}) != unet in_channels ({channels})")
+        height, width = _pair(unet.config.sample_size)
+        self.sample_shape = (channels, height, width)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+        self.image_size = (height * self.vae_scale_factor, width * self.vae_scale_factor)
+        self.image_channels = vae.config.in_channels if vae is not None else channels
+        self.max_tokens = min(tokenizer.model_max_length, text_encoder.config.max_position_embeddings)
+        self._embeddings: dict[str, Tensor] = {}
+        self._lora: str | None = None
+        self._adapters_on = False
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: torch.device | str | None = None,
+                        dtype: torch.dtype | str | None = None) -> "DiffusersPrior":
+        """Load each component from its subfolder of ``directory`` (local files only)."""
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import AutoTokenizer, CLIPTextModel
+
+        directory = Path(directory)
+        missing = [sub for sub in REQUIRED_SUBFOLDERS if not (directory / sub).is_dir()]
+        if missing:
+            raise PriorNotFoundError(f"{directory} lacks the prior subfolder(s) {missing}")
+        device = default_device(device)
+        dtype = parse_dtype(dtype, device)
+        load = {"local_files_only": True}
+        tokenizer = AutoTokenizer.from_pretrained(directory, subfolder="tokenizer", **load)
+        if len(tokenizer) <= 2:  # transformers 5 silently builds an empty CLIP tokenizer from unusable files
+            raise ValueError(f"{directory / 'tokenizer'} gave a tokenizer with {len(tokenizer)} tokens")
+        vae = (AutoencoderKL.from_pretrained(directory, subfolder="vae", torch_dtype=dtype, **load)
+               if (directory / "vae").is_dir() else None)
+        return cls(unet=UNet2DConditionModel.from_pretrained(directory, subfolder="unet", torch_dtype=dtype, **load),
+                   text_encoder=CLIPTextModel.from_pretrained(directory, subfolder="text_encoder", dtype=dtype, **load),
+                   tokenizer=tokenizer, vae=vae, device=device, dtype=dtype,
+                   scheduler_config=dict(DDPMScheduler.load_config(directory, subfolder="scheduler", **load)))
+
+    @property
+    def latent(self) -> bool:
+        """True for a latent-diffusion model (samples are VAE latents)."""
+        return self.vae is not None
+
+    # --- text -------------------------------------------------------------------------------------------
+    def text_embeddings(self, prompts: Sequence[str]) -> Tensor:
+        """Encoder hidden states [P, L, D] of ``prompts`` (L = max tokens), cached per prompt."""
+        new = [p for p in dict.fromkeys(prompts) if p not in self._embeddings]
+        if new:
+            tokens = self.tokenizer(new, padding="max_length", max_length=self.max_tokens, truncation=True,
+                                    return_tensors="pt")
+            mask = (tokens.attention_mask.to(self.device)
+                    if getattr(self.text_encoder.config, "use_attention_mask", False) else None)
+            with torch.no_grad():
+                hidden = self.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask)[0]
+            self._embeddings.update(zip(new, hidden))
+        return torch.stack([self._embeddings[p] for p in prompts])
+
+    def _prompt_embeddings(self, prompts: str | Sequence[str]) -> Tensor:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompts must be a string or a non-empty list of strings, got {prompts!r}")
+        return self.text_embeddings(prompts)
+
+    # --- denoising --------------------------------------------------------------------------------------
+    def eps(self, x: Tensor, sigma: Tensor, embeddings: Tensor, adapters: bool = False) -> Tensor:
+        """VE ε̂(x̂, σ | text) for x̂ [N, C, H, W] on ``prior.device`` (any float dtype; the result has
+        x's dtype), σ [N], embeddings [1 or N, L, D].
+
+        UNet input ``z = α x̂``, ``α = 1/√(1+σ²)``, timestep ``schedule.timestep(σ)``; v-prediction is
+        converted by ``ε = s z + α v`` with ``s = σ α``. ``adapters``: run with the LoRA enabled.
+        """
+        sigma = as_sigma(sigma, x)
+        if x.ndim != 4 or x.shape[1] != self.sample_shape[0]:
+            raise ValueError(f"denoiser input must be [N, {self.sample_shape[0]}, H, W] (native size "
+                             f"prior.sample_shape = {self.sample_shape}), got {tuple(x.shape)}")
+        if embeddings.shape[0] not in (1, x.shape[0]):
+            raise ValueError(f"prompts: got {embeddings.shape[0]} prompts for a batch of {x.shape[0]} samples; "
+                             "pass one prompt or one per sample")
+        self._set_adapters(adapters)
+        alpha = per_sample(1.0 / torch.sqrt(1.0 + sigma.double() ** 2), x).to(x.dtype)
+        z = alpha * x
+        timestep = self.schedule.timestep(sigma.detach().cpu()).to(self.device, torch.float32)
+        states = embeddings.expand(x.shape[0], -1, -1).to(self.dtype)
+        output = self.unet(z.to(self.dtype), timestep, encoder_hidden_states=states).sample.to(x.dtype)
+        if self.prediction_type == "v_prediction":
+            return per_sample(sigma, x) * alpha * z + alpha * output
+        return output
+
+    def denoiser(self, prompts: str | Sequence[str], guidance_scale: float = 1.0,
+                 interval: tuple[float, float] | None = None) -> Denoiser:
+        """The prior conditioned on ``prompts`` (one, broadcast, or one per sample), with CFG
+        ``ε̂_u + w (ε̂_c − ε̂_u)`` against "" at ``w = guidance_scale`` on σ ∈ ``interval`` (None: all σ)."""
+        conditional = PromptDenoiser(self, self._prompt_embeddings(prompts))
+        if guidance_scale == 1.0:
+            return conditional
+        return CFGDenoiser(conditional, PromptDenoiser(self, self._prompt_embeddings("")), guidance_scale, interval)
+
+    # --- LoRA (VSD's particle model ε̂_φ) ----------------------------------------------------------------
+    def add_lora(self, rank: int = 4, alpha: float | None = None, target_modules: Sequence[str] = LORA_TARGETS,
+                 generator: torch.Generator | None = None, adapter_name: str = "particles") -> list[nn.Parameter]:
+        """Add a PEFT LoRA (``unet.add_adapter``) of ``rank`` and scale ``alpha/rank`` (alpha default:
+        rank) to the UNet; returns its parameters, kept in float32 for training even on a float16 UNet.
+        ``B = 0`` so the adapted model starts equal to the prior; ``A ~ U(±1/√fan_in)`` is drawn from
+        ``generator``. The adapter is enabled only inside :meth:`lora_denoiser` views (PEFT's
+        enable/disable also switches the LoRA parameters' ``requires_grad``)."""
+        from peft import LoraConfig
+
+        if self._lora is not None:
+            raise ValueError(f"the prior already has the LoRA adapter {self._lora!r}")
+        if rank < 1:
+            raise ValueError(f"lora rank must be >= 1, got {rank}")
+        config = LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, init_lora_weights=True,
+                            target_modules=list(target_modules))
+        with torch.random.fork_rng(devices=[]):  # PEFT initialises A from the global RNG: keep it untouched
+            self.unet.add_adapter(config, adapter_name=adapter_name)
+        self._lora, self._adapters_on = adapter_name, True
+        with torch.no_grad():
+            for name, parameter in self.unet.named_parameters():
+                if f".lora_A.{adapter_name}." in name:
+                    draw = torch.rand(parameter.shape, generator=generator, dtype=torch.float32)
+                    parameter.data = ((2 * draw - 1) / math.sqrt(parameter.shape[1])).to(self.device)
+        for parameter in self.lora_parameters():
+            parameter.data = parameter.data.float()
+        self._set_adapters(False)
+        return self.lora_parameters()
+
+    def lora_parameters(self) -> list[nn.Parameter]:
+        """The LoRA adapter's parameters (empty before :meth:`add_lora`)."""
+        if self._lora is None:
+            return []
+        tag = f".{self._lora}."
+        return [p for name, p in self.unet.named_parameters() if ".lora_" in name and tag in name]
+
+    def lora_denoiser(self, prompts: str | Sequence[str]) -> "LoRADenoiser":
+        """ε̂_φ: the LoRA-adapted UNet conditioned on ``prompts`` (no CFG); ``.parameters()`` = the LoRA."""
+        if self._lora is None:
+            raise ValueError("the prior has no LoRA adapter: call prior.add_lora(...) first")
+        return LoRADenoiser(self, self._prompt_embeddings(prompts))
+
+    def _set_adapters(self, enabled: bool) -> None:
+        if enabled and self._lora is None:
+            raise ValueError("the prior has no LoRA adapter: call prior.add_lora(...) first")
+        if self._lora is not None and enabled != self._adapters_on:
+            if enabled:
+                self.unet.enable_adapters()
+            else:
+                self.unet.disable_adapters()
+            self._adapters_on = enabled
+
+    # --- image space ------------------------------------------------------------------------------------
+    def encode(self, images: Tensor) -> Tensor:
+        """Images [N, C, H, W] in [−1, 1] → model samples: (VAE posterior mean − shift)·scaling_factor
+        for a latent model (deterministic, differentiable), the images themselves for a pixel model."""
+        if images.ndim != 4 or images.shape[1] != self.image_channels:
+            raise ValueError(f"images must be [N, {self.image_channels}, H, W] in [-1, 1], got {tuple(images.shape)}")
+        if self.vae is None:
+            return images
+        latents = self.vae.encode(images.to(self.device, self.dtype)).latent_dist.mean
+        shift = self.vae.config.shift_factor or 0.0
+        return ((latents - shift) * self.vae.config.scaling_factor).to(images.dtype)
+
+    def decode(self, samples: Tensor) -> Tensor:
+        """Model samples [N, *sample_shape] → images [N, C, H·f, W·f], nominally in [−1, 1] (not clamped)."""
+        if samples.ndim != 4 or samples.shape[1] != self.sample_shape[0]:
+            raise ValueError(f"samples must be [N, {self.sample_shape[0]}, h, w], got {tuple(samples.shape)}")
+        if self.vae is None:
+            return samples
+        latents = samples / self.vae.config.scaling_factor + (self.vae.config.shift_factor or 0.0)
+        return self.vae.decode(latents.to(self.device, self.dtype)).sample.to(samples.dtype)
+
+
+class PromptDenoiser(Denoiser):
+    """The prior conditioned on fixed text embeddings [1 or N, L, D]; adapters disabled."""
+
+    vp = True
+    adapters = False
+
+    def __init__(self, prior: DiffusersPrior, embeddings: Tensor):
+        self.prior, self.embeddings = prior, embeddings
+
+    def eps(self, x: Tensor, sigma: Tensor) -> Tensor:
+        return self.prior.eps(x, sigma, self.embeddings, adapters=self.adapters)
+
+
+class LoRADenoiser(PromptDenoiser):
+    """ε̂_φ for VSD: the same conditioning with the LoRA adapter enabled; trains only the LoRA."""
+
+    adapters = True
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        return iter(self.prior.lora_parameters())
+
+
+class CFGDenoiser(GuidedDenoiser):
+    """:class:`GuidedDenoiser` of two prompt views of one prior, evaluated in ONE UNet forward on the
+    stacked batch ``[x; x]`` with ``[cond; uncond]`` embeddings. Same result (and constructor) as the
+    generic combinator, half the launches."""
+
+    def __init__(self, main: PromptDenoiser, guide: PromptDenoiser, scale: float,
+                 interval: tuple[float, float] | None = None):
+        if main.prior is not guide.prior or main.adapters != guide.adapters:
+            raise ValueError("CFGDenoiser needs two prompt views of the same prior with the same adapter state")
+        super().__init__(main, guide, scale, interval)
+
+    def eps(self, x: Tensor, sigma: Tensor) -> Tensor:
+        sigma = as_sigma(sigma, x)
+        active = torch.ones_like(sigma, dtype=torch.bool)
+        if self.interval is not None:
+            active = (sigma >= self.interval[0]) & (sigma <= self.interval[1])
+        if self.scale == 1.0 or not bool(active.any()):
+            return self.main.eps(x, sigma)
+        n = x.shape[0]
+        embeddings = torch.cat([self.main.embeddings.expand(n, -1, -1), self.guide.embeddings.expand(n, -1, -1)])
+        both = self.main.prior.eps(torch.cat([x, x]), torch.cat([sigma, sigma]), embeddings, self.main.adapters)
+        eps_main, eps_guide = both[:n], both[n:]
+        w = per_sample(torch.where(active, torch.full_like(sigma, self.scale), torch.ones_like(sigma)), x)
+        return eps_guide + w * (eps_main - eps_guide)

@@ -1,0 +1,98 @@
+"""The text-to-2D driver end to end on a tiny random pixel prior (ShapesWorld metrics, committed classifier),
+and the fail-fast path of the Stable Diffusion preset on a machine without its weights."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["WANDB_MODE"] = "disabled"
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from experiments.run import run  # noqa: E402
+from shapes.models import ShapesClassifier  # noqa: E402
+from tests.tiny_sd import build_tiny_prior  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPTS = '["a red circle","a blue square"]'
+
+
+@pytest.fixture(scope="module")
+def tiny_pixel_prior(tmp_path_factory):
+    """A tiny random 32 px pixel prior beside an untrained ShapesWorld classifier (the plumbing, not the numbers)."""
+    root = tmp_path_factory.mktemp("prior")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        ShapesClassifier(channels=(4, 8), feature_dim=8).save(root / "classifier")
+    return build_tiny_prior(root / "pipeline", latent=False, sample_size=32)
+
+
+def compose_config(prior: Path, cache: Path, *overrides: str):
+    tiny = ["experiment=table4_shapes", f"prior.path={prior}", f"prior.classifier={prior.parent / 'classifier'}", f"task.prompts={PROMPTS}", "task.images_per_prompt=2",
+            "task.steps=3", "task.eval.every=2", "task.eval.reference_per_prompt=3", "task.eval.reference_steps=2",
+            f"task.eval.cache_dir={cache}", "logger=none", "task.solver_steps=2"]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("config", overrides=[*tiny, *overrides])
+
+
+@pytest.mark.parametrize("guidance,evals_per_iter", [
+    ("t2d_sds", 2.0), ("t2d_sdi", 2.0 * 10 + 2.0), ("t2d_vsd", 2.0 + 1 + 1), ("t2d_msd", None), ("t2d_msd_ode", None)])
+def test_text2d_run_writes_fid_curve_images_and_final(tiny_pixel_prior, tmp_path, guidance, evals_per_iter):
+    cfg = compose_config(tiny_pixel_prior, tmp_path / "cache", f"guidance={guidance}")
+    final = run(cfg, tmp_path / "run")
+    curve = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert list(curve.iteration) == [0, 2, 3]
+    assert {"fid", "fid_true", "prompt_accuracy", "unet_evals"} <= set(curve.columns)
+    assert np.isfinite(curve.fid).all() and (curve.fid >= 0).all() and curve.prompt_accuracy.between(0, 1).all()
+    assert curve.unet_evals.iloc[0] == 0 and curve.unet_evals.is_monotonic_increasing
+    if evals_per_iter is not None:  # per image per iteration, as the guidances report it (CFG w = 4: 2 per call)
+        assert curve.unet_evals.iloc[-1] == pytest.approx(3 * evals_per_iter)
+    assert final["iterations"] == 3 and final["unet_evals_per_iter"] == pytest.approx(curve.unet_evals.iloc[-1] / 3)
+    assert final["mode_distance"] >= 0 and final["images"] == 4
+    with np.load(tmp_path / "run" / "images.npz") as arrays:
+        assert arrays["images"].shape == (4, 3, 32, 32) and np.abs(arrays["images"]).max() <= 1
+        assert list(arrays["prompts"]) == ["a red circle"] * 2 + ["a blue square"] * 2
+    assert json.loads((tmp_path / "run" / "final.json").read_text())["fid"] == final["fid"]
+    assert (tmp_path / "run" / "images.png").stat().st_size > 0
+
+
+def test_reference_set_is_cached_and_shared(tiny_pixel_prior, tmp_path):
+    run(compose_config(tiny_pixel_prior, tmp_path / "cache", "guidance=t2d_ddim", "guidance.solver_steps=2"),
+        tmp_path / "ddim")
+    (cached,) = (tmp_path / "cache").glob("ddim_reference_*.npz")
+    stamp = cached.stat().st_mtime_ns
+    final = run(compose_config(tiny_pixel_prior, tmp_path / "cache", "guidance=t2d_sds"), tmp_path / "sds")
+    assert cached.stat().st_mtime_ns == stamp and np.isfinite(final["fid"])
+    with np.load(cached) as arrays:
+        assert arrays["images"].shape == (6, 3, 32, 32)
+
+
+def test_same_seed_same_images(tiny_pixel_prior, tmp_path):
+    for name in ("a", "b"):
+        run(compose_config(tiny_pixel_prior, tmp_path / "cache", "guidance=t2d_sds"), tmp_path / name)
+    with np.load(tmp_path / "a" / "images.npz") as a, np.load(tmp_path / "b" / "images.npz") as b:
+        assert np.array_equal(a["images"], b["images"])
+
+
+def test_bad_text2d_config_fails_before_writing(tiny_pixel_prior, tmp_path):
+    with pytest.raises(ValueError, match="task.generator.name"):
+        run(compose_config(tiny_pixel_prior, tmp_path, "guidance=t2d_sds", "task.generator.name=nerf"), tmp_path / "r")
+    with pytest.raises(ValueError, match="guidance.lora_rank"):
+        run(compose_config(tiny_pixel_prior, tmp_path, "guidance=t2d_sds", "+guidance.lora_rank=4"), tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+
+
+def test_sd21_preset_without_weights_fails_at_once(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty_cache"), "WANDB_MODE": "disabled"}
+    result = subprocess.run([sys.executable, "-m", "experiments.run", "experiment=table4", "guidance=t2d_msd",
+                             "device=cpu", f"hydra.run.dir={tmp_path / 'run'}"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "stabilityai/stable-diffusion-2-1-base" in result.stderr and "hf download" in result.stderr
+    assert not (tmp_path / "run" / "config.yaml").exists()
