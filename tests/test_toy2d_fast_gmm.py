@@ -73,3 +73,61 @@ def test_float32_inputs_and_autograd_on_fast_path():
     x32 = _canvas(100, 5).float()
     assert mix.log_prob(x32, 0.0).dtype == torch.float32 and mix.score(x32, 0.0).dtype == torch.float32
     assert mix.log_prob(x32[:0], 0.0).shape == (0,)
+
+
+@pytest.mark.parametrize("classes", ["A", "AB"])
+@pytest.mark.parametrize("sigma", [0.1, 0.4, 1.5, 5.0, 30.0])
+def test_repeated_levels_use_cached_interpolants_within_tolerance(classes, sigma):
+    """The second request of a level with ≥ 1024 rows builds the tile interpolant; values stay within 1e-4
+    (measured ~1e-7) of the dense reference on canvas points, samples and far points (exact fallback)."""
+    mix = fractal_gmm(classes)
+    gen = torch.Generator().manual_seed(7)
+    angles = 6.283 * torch.rand(16, generator=gen, dtype=torch.float64)
+    far = 300.0 * torch.stack((angles.cos(), angles.sin()), dim=1)  # outside every box (pad 0.5 + 4σ)
+    x = torch.cat((_canvas(700, 8), mix.sample(700, sigma, generator=gen).double(), far))
+    mix.score(x, sigma)  # first request: exact
+    assert sigma not in mix._interpolants
+    _check(mix, x, sigma)  # second request builds it
+    interpolant = mix._interpolants[sigma]
+    values, resolved = interpolant(x)
+    assert resolved[:1400].float().mean() > 0.95 and not resolved[1400:].any()  # far points fall back to exact
+    _check(mix, x, sigma)
+
+
+def test_interpolants_skip_small_batches_autograd_and_one_off_levels():
+    mix = fractal_gmm("A")
+    x = _canvas(1200, 9)
+    for _ in range(3):
+        mix.score(x[:500], 0.77)  # too few rows
+    mix.log_prob(x, 0.33)  # a level seen once
+    x.requires_grad_(True)
+    for _ in range(2):
+        mix.log_prob(x, 0.55)  # autograd: always the exact path
+    assert not {0.77, 0.33, 0.55} & set(mix._interpolants)
+    for sigma in (0.02, 60.0):  # outside [0.1, 50]
+        for _ in range(2):
+            mix.score(x.detach(), sigma)
+        assert sigma not in mix._interpolants
+
+
+def test_tile_interpolant_reproduces_polynomials_and_refines_only_where_needed():
+    """Degree < order polynomials are interpolated to rounding; a narrow bump is refined near its centre."""
+    from toy2d.tiles import TileInterpolant
+
+    def field(p):
+        x, y = p[:, 0], p[:, 1]
+        return torch.stack((3 * x**5 * y**2 - x * y + 2, torch.exp(-((x - 0.3) ** 2 + (y + 0.2) ** 2) / 2e-3)), 1)
+
+    lo, hi = torch.tensor([-1.0, -1.0]), torch.tensor([1.0, 1.0])
+    interpolant = TileInterpolant(field, lo, hi, tiles=4, order=10, tol=1e-9, groups=[[0], [1]],
+                                  floors=[1.0, 1e-3], max_depth=2)
+    x = -1 + 2 * torch.rand(2000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    values, resolved = interpolant(x)
+    exact = field(x)
+    assert torch.allclose(values[resolved, 0], exact[resolved, 0], atol=1e-12)
+    assert (values[resolved, 1] - exact[resolved, 1]).abs().max() < 1e-6
+    assert len(interpolant.levels) == 3 and interpolant.levels[1][2].shape[0] > 0  # the bump's tiles refined
+    far_from_bump = ((x - torch.tensor([0.3, -0.2])).norm(dim=1) > 0.6)
+    assert resolved[far_from_bump].all()
+    outside = interpolant(torch.tensor([[1.5, 0.0], [0.0, -1.01]], dtype=torch.float64))[1]
+    assert not outside.any()
