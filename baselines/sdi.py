@@ -39,8 +39,8 @@ class SDIGuidance(NoisedGuidance):
         """The target model, or the same main/guide pair at ``inversion_scale`` (SDI's negative CFG)."""
         if scale is None:
             return denoiser
-        if isinstance(denoiser, GuidedDenoiser):
-            return GuidedDenoiser(denoiser.main, denoiser.guide, scale, denoiser.interval)
+        if isinstance(denoiser, GuidedDenoiser):  # same class: a prior's batched CFG stays batched
+            return type(denoiser)(denoiser.main, denoiser.guide, scale, denoiser.interval)
         require(scale == 1.0, "guidance.inversion_scale", "null or 1 for an unguided denoiser", scale)
         return denoiser
 

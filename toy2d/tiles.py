@@ -100,8 +100,8 @@ class TileInterpolant:
         values = field(points.reshape(-1, 2)).reshape(len(which), n, n, -1)
         self.nodes_evaluated += points.shape[0] * n * n
         coefficients = torch.einsum("kj,tjlc,ml->tkmc", self._transform, values, self._transform)
-        channels = values.shape[-1]
-        groups = self._groups or [[c] for c in range(channels)]
+        self.channels = values.shape[-1]
+        groups = self._groups or [[c] for c in range(self.channels)]
         floors = self._floors or [0.0] * len(groups)
         accepted = torch.ones(len(which), dtype=torch.bool)
         for group, floor in zip(groups, floors):
@@ -114,8 +114,7 @@ class TileInterpolant:
         """Interpolated values [N, C] at points x [N, 2] (float64) and the [N] mask of resolved points
         (unresolved rows hold zeros)."""
         x = x.double()
-        channels = self.levels[0][2].shape[-1] if self.levels[0][2].numel() else 0
-        out = torch.zeros(x.shape[0], channels, dtype=torch.float64)
+        out = torch.zeros(x.shape[0], self.channels, dtype=torch.float64)
         resolved = torch.zeros(x.shape[0], dtype=torch.bool)
         rel = (x - self.lo) / (self.hi - self.lo)  # in [0, 1) inside the box
         inside = ((rel >= 0) & (rel < 1)).all(dim=1)  # False for NaN too
