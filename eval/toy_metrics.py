@@ -104,13 +104,21 @@ def knn_radii(points, k: int = PR_K) -> np.ndarray:
 
 
 def _inside_union(queries: np.ndarray, centers: np.ndarray, radii: np.ndarray) -> np.ndarray:
-    """[Q] bool: query q lies in some closed ball B(c, r_c), i.e. ‖q − c‖ ≤ r_c (exact; chunked brute force)."""
+    """[Q] bool: query q lies in some closed ball B(c, r_c), i.e. ‖q − c‖ ≤ r_c (exact; chunked brute force in
+    torch float64 with :func:`_distance`'s formula, so the result is bitwise the same)."""
     out = np.empty(len(queries), dtype=bool)
+    q_all, r = torch.from_numpy(queries), torch.from_numpy(radii)
     rows = max(1, _PAIR_CHUNK // max(len(centers), 1))
     for i in range(0, len(queries), rows):
-        q = queries[i:i + rows]
-        out[i:i + rows] = (_distance(q[:, None, :], centers[None, :, :]) <= radii[None, :]).any(1)
+        out[i:i + rows] = (_pair_sq_distances(q_all[i:i + rows], centers).sqrt() <= r[None, :]).any(1).numpy()
     return out
+
+
+def _pair_sq_distances(a: Tensor, b: np.ndarray) -> Tensor:
+    """[A, B] squared distances (a_x − b_x)² + (a_y − b_y)², float64 (per coordinate: the fast torch layout;
+    the same operations, hence the same bits, as :func:`_distance` before its square root)."""
+    b = torch.from_numpy(b)
+    return (a[:, :1] - b[None, :, 0]) ** 2 + (a[:, 1:] - b[None, :, 1]) ** 2
 
 
 def improved_precision_recall(generated, reference, k: int = PR_K) -> tuple[float, float]:
@@ -133,10 +141,11 @@ def _kernel_sum(a: np.ndarray, b: np.ndarray, bandwidths: tuple[float, ...]) -> 
     """Σ_{i,j} k(a_i, b_j) with k = mean_h exp(−‖a − b‖²/(2h²)), chunked, float64."""
     scales = [-0.5 / float(h) ** 2 for h in bandwidths]
     total = 0.0
+    a = torch.from_numpy(a)
     rows = max(1, _PAIR_CHUNK // max(len(b), 1))
     for i in range(0, len(a), rows):
-        d2 = ((a[i:i + rows, None, :] - b[None, :, :]) ** 2).sum(-1)
-        total += sum(float(np.exp(s * d2).sum()) for s in scales) / len(scales)
+        d2 = _pair_sq_distances(a[i:i + rows], b)
+        total += sum(float(torch.exp(s * d2).sum()) for s in scales) / len(scales)
     return total
 
 

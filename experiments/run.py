@@ -6,6 +6,7 @@ driver in the Hydra run directory.
 """
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import hydra
@@ -14,20 +15,24 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from eval.io import write_text
-from experiments import text2d, toy2d
 from experiments.loggers import build_logger, check_logger_config
 from msd.guidance import require
 
-TASK_DRIVERS = {"toy2d": toy2d, "text2d": text2d}
+TASK_DRIVERS = {"toy2d": "experiments.toy2d", "text2d": "experiments.text2d"}
+"""Task name -> driver module (imported on use: the toy does not pay for diffusers, transformers, torchmetrics)."""
+
+
+def driver_of(task_name: str):
+    require(task_name in TASK_DRIVERS, "task.name", f"one of {tuple(TASK_DRIVERS)}", task_name)
+    return importlib.import_module(TASK_DRIVERS[task_name])
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """One run of ``cfg`` into ``run_dir``; returns the final metrics."""
-    require(cfg.task.name in TASK_DRIVERS, "task.name", f"one of {tuple(TASK_DRIVERS)}", cfg.task.name)
+    driver = driver_of(cfg.task.name)
     require(cfg.num_threads is None or cfg.num_threads >= 1, "num_threads", "null or >= 1", cfg.num_threads)
     if cfg.num_threads is not None:
         torch.set_num_threads(int(cfg.num_threads))
-    driver = TASK_DRIVERS[cfg.task.name]
     setup = driver.build(cfg)
     check_logger_config(cfg.logger)
     run_dir = Path(run_dir)
@@ -43,7 +48,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     final = run(cfg, Path(HydraConfig.get().runtime.output_dir))
-    return final[TASK_DRIVERS[cfg.task.name].OBJECTIVE]
+    return final[driver_of(cfg.task.name).OBJECTIVE]
 
 
 if __name__ == "__main__":
