@@ -6,7 +6,8 @@ export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE ?= offline
 export PYTHONHASHSEED := 0
 
-.PHONY: venv test reproduce reproduce-toy2d toy2d-weights bench clean
+.PHONY: venv test reproduce reproduce-toy2d reproduce-table4 reproduce-table4-quick toy2d-weights shapes-prior bench clean
+PRIOR ?= sd21
 
 venv: .venv/.installed
 
@@ -19,13 +20,23 @@ venv: .venv/.installed
 test: venv
 	WANDB_MODE=disabled $(PY) -m pytest -q tests
 
-reproduce: reproduce-toy2d
+reproduce: reproduce-toy2d reproduce-table4-quick
 
 reproduce-toy2d: venv
 	$(PY) -m eval.reproduce_toy2d
 	$(PY) -m eval.gradient_quality
 	$(PY) -m eval.landscapes
 	$(PY) -m eval.toy2d_figures
+
+# Table 4 (text-to-2D FID vs iterations): PRIOR=sd21 (GPU node with the weights) or PRIOR=shapes (this CPU)
+reproduce-table4: venv
+	$(PY) -m eval.reproduce_table4 --prior $(PRIOR) $(TABLE4_ARGS)
+
+reproduce-table4-quick: venv
+	$(PY) -m eval.reproduce_table4 --prior shapes --quick
+
+shapes-prior: venv
+	$(PY) -m experiments.train_shapes --iterations 1800
 
 bench: venv
 	$(PY) -m eval.bench_gmm

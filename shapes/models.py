@@ -1,0 +1,173 @@
+"""Config builders for the ShapesWorld prior (pixel-space text-conditional UNet + small CLIP text
+encoder + Stable Diffusion's DDPM schedule) and the shape/colour classifier used for FID features and
+prompt accuracy. Every size is an argument; the defaults are the committed models'.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from shapes.world import COLOURS, SHAPES
+
+
+def text_encoder_config(tokenizer: CLIPTokenizer, hidden_size: int = 64, layers: int = 2, heads: int = 4,
+                        intermediate_size: int = 128) -> CLIPTextConfig:
+    """A small CLIP text transformer sized to ``tokenizer`` (vocabulary, max length, special ids)."""
+    return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=layers,
+                          num_attention_heads=heads, intermediate_size=intermediate_size,
+                          max_position_embeddings=tokenizer.model_max_length, projection_dim=hidden_size,
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id)
+
+
+def build_text_encoder(tokenizer: CLIPTokenizer, **sizes) -> CLIPTextModel:
+    """Randomly initialised :class:`CLIPTextModel` (see :func:`text_encoder_config` for ``sizes``)."""
+    return CLIPTextModel(text_encoder_config(tokenizer, **sizes))
+
+
+def unet_config(resolution: int = 32, channels: tuple[int, ...] = (16, 32, 64), layers_per_block: int = 1,
+                cross_attention_dim: int = 64, attention_head_dim: int = 8, norm_groups: int = 8) -> dict:
+    """Kwargs of a pixel-space RGB :class:`UNet2DConditionModel`.
+
+    The first level is convolutional, every deeper level has cross-attention on the text encoder's
+    last hidden states (``cross_attention_dim`` = its hidden size); ``resolution`` must be divisible
+    by ``2^(len(channels) − 1)``.
+    """
+    levels = len(channels)
+    if levels < 2 or resolution % 2 ** (levels - 1):
+        raise ValueError(f"resolution {resolution} must be divisible by 2^(levels-1) = {2 ** (levels - 1)} "
+                         f"for channels={channels} (need >= 2 levels)")
+    return dict(sample_size=resolution, in_channels=3, out_channels=3, block_out_channels=tuple(channels),
+                layers_per_block=layers_per_block,
+                down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
+                up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
+                cross_attention_dim=cross_attention_dim, attention_head_dim=attention_head_dim,
+                norm_num_groups=norm_groups)
+
+
+def build_unet(**kwargs) -> UNet2DConditionModel:
+    """Randomly initialised pixel-space UNet (kwargs of :func:`unet_config`)."""
+    return UNet2DConditionModel(**unet_config(**kwargs))
+
+
+def scheduler_config() -> dict:
+    """Stable Diffusion's DDPM schedule: 1000 steps, scaled_linear β from 0.00085 to 0.012, ε-prediction."""
+    return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                prediction_type="epsilon", clip_sample=False, steps_offset=1)
+
+
+def build_scheduler() -> DDPMScheduler:
+    """:class:`DDPMScheduler` with :func:`scheduler_config`."""
+    return DDPMScheduler(**scheduler_config())
+
+
+class ShapesClassifier(nn.Module):
+    """Small CNN on [B, 3, R, R] images in [-1, 1] with two heads: shape (3-way) and colour (4-way).
+
+    ``channels`` conv stages (two 3×3 convs + SiLU, then 2× average pooling), global average pooling,
+    a linear layer to ``feature_dim`` + SiLU (the penultimate features used for FID), then the heads.
+    """
+
+    def __init__(self, channels: tuple[int, ...] = (32, 64, 128), feature_dim: int = 128):
+        super().__init__()
+        self.config = dict(channels=list(channels), feature_dim=feature_dim)
+        stages, previous = [], 3
+        for width in channels:
+            stages += [nn.Conv2d(previous, width, 3, padding=1), nn.SiLU(),
+                       nn.Conv2d(width, width, 3, padding=1), nn.SiLU(), nn.AvgPool2d(2)]
+            previous = width
+        self.trunk = nn.Sequential(*stages, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                   nn.Linear(previous, feature_dim), nn.SiLU())
+        self.shape_head = nn.Linear(feature_dim, len(SHAPES))
+        self.colour_head = nn.Linear(feature_dim, len(COLOURS))
+
+    @property
+    def num_features(self) -> int:
+        return self.config["feature_dim"]
+
+    def features(self, images: Tensor) -> Tensor:
+        """Penultimate features [B, feature_dim] (the FID embedding)."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be [B, 3, H, W] in [-1, 1], got {tuple(images.shape)}")
+        return self.trunk(images)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """(shape logits [B, 3], colour logits [B, 4])."""
+        feats = self.features(images)
+        return self.shape_head(feats), self.colour_head(feats)
+
+    def predict_prompt_ids(self, images: Tensor) -> Tensor:
+        """Most likely prompt id per image: shape_id · 4 + colour_id."""
+        shape_logits, colour_logits = self(images)
+        return shape_logits.argmax(1) * len(COLOURS) + colour_logits.argmax(1)
+
+    def save(self, directory: str | Path) -> None:
+        """Write ``model.safetensors`` and ``config.json`` into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, directory / "model.safetensors")
+        (directory / "config.json").write_text(json.dumps(self.config, indent=1) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "ShapesClassifier":
+        """Inverse of :meth:`save`; the model is returned in eval mode."""
+        directory = Path(directory)
+        if not (directory / "model.safetensors").is_file():
+            raise FileNotFoundError(f"no classifier at {directory}; train it with `python -m experiments.train_shapes`")
+        config = json.loads((directory / "config.json").read_text())
+        model = cls(channels=tuple(config["channels"]), feature_dim=config["feature_dim"])
+        model.load_state_dict(load_file(directory / "model.safetensors"))
+        return model.eval()
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameters of ``module``."""
+    return sum(p.numel() for p in module.parameters())
+
+
+
+PRIOR_COMPONENTS = {
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "scheduler": ["diffusers", "DDPMScheduler"],
+}
+
+
+def save_prior(directory: str | Path, unet: UNet2DConditionModel, text_encoder: CLIPTextModel,
+               tokenizer: CLIPTokenizer, scheduler: DDPMScheduler) -> None:
+    """Write a diffusers pipeline directory: one ``save_pretrained`` subfolder per component (safetensors)
+    and a ``model_index.json`` in Stable Diffusion's layout with ``vae: [null, null]`` (pixel space).
+
+    Load it with :func:`load_prior`, or as ``StableDiffusionPipeline.from_pretrained(directory, vae=None,
+    safety_checker=None, feature_extractor=None, image_encoder=None)`` (diffusers 0.42 insists that the
+    null components be passed explicitly); ``pipe.vae is None`` marks a pixel-space prior.
+    """
+    import diffusers
+
+    directory = Path(directory)
+    for name, component in dict(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler).items():
+        component.save_pretrained(directory / name)
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
+             **PRIOR_COMPONENTS, "vae": [None, None], "safety_checker": [None, None],
+             "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False}
+    (directory / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def load_prior(directory: str | Path) -> tuple[UNet2DConditionModel, CLIPTextModel, CLIPTokenizer, DDPMScheduler]:
+    """(unet, text_encoder, tokenizer, scheduler) from a :func:`save_prior` directory, models in eval mode."""
+    directory = Path(directory)
+    if not (directory / "model_index.json").is_file():
+        raise FileNotFoundError(f"no ShapesWorld prior at {directory}; train it with `make shapes-prior` "
+                                "(python -m experiments.train_shapes)")
+    unet = UNet2DConditionModel.from_pretrained(directory / "unet").eval()
+    text_encoder = CLIPTextModel.from_pretrained(directory / "text_encoder").eval()
+    tokenizer = CLIPTokenizer.from_pretrained(directory / "tokenizer")
+    if len(tokenizer) <= 2:
+        raise RuntimeError(f"tokenizer at {directory / 'tokenizer'} did not load (only {len(tokenizer)} tokens)")
+    return unet, text_encoder, tokenizer, DDPMScheduler.from_pretrained(directory / "scheduler")
