@@ -26,14 +26,14 @@ error ≤ 1e-14 for K ≈ 2000; score error ≤ K e⁻⁴⁰ max_k ‖(Σ_k+vI)�
 cells whose lists keep more than half the components (most cells at σ ≳ 0.1), use the dense closed form.
 The lists of a bucket are built on first use and cached (≈ 0.5 s for K = 1016, ≈ 1 s for K = 2032).
 
-Smooth levels (σ ∈ [0.1, 50]) requested with ≥ 1024 rows and no autograd (at once for σ ≥ 1, else
-from the second request on, e.g. an ODE solve's σ grid met again at every optimisation step) get a cached
+Smooth levels (σ ∈ [0.3, 50]) requested with ≥ 1024 rows and no autograd (at once for σ ≥ 1, else
+from the third request on, e.g. an ODE solve's σ grid met again at every optimisation step) get a cached
 interpolant of (log p_σ, ∇log p_σ): adaptive piecewise Chebyshev tiles (``toy2d.tiles``: top tiles of side
 8σ, 16 × 16 points, up to five levels of 2 × 2 refinement wherever the tail coefficients exceed 1e-6 of the
 tile's scale) over the means' box padded by 0.5 + 4σ, tabulated with the exact evaluation above. Points
 off the box or on rejected tiles are evaluated exactly. Not exact, but ≤ 1e-7 relative error on log p and
 the score against the float64 dense reference at every tested σ (tests, ``make bench``); a table costs
-~10³ exact evaluations at σ ≥ 1 and ~10⁵ at σ = 0.1, once per level.
+~10³ exact evaluations at σ ≥ 1 and ~10⁴ at σ = 0.3, once per level.
 
 Multiplying the mixture by a Gaussian kernel ``N(y; c, λ² I)`` gives another mixture (the product
 distribution of mean-shift, ``ṗ(y | c) ∝ p(y) N(y; c, λ² I)``):
@@ -69,14 +69,16 @@ _SIGMA_FLOOR, _SIGMA_RATIO, _N_BUCKETS = 1e-3, 1.5, 24
 """σ buckets: [0, 1e-3) then [1e-3·1.5^(i−1), 1e-3·1.5^i) for i = 1 … 23 (up to ≈ 11); beyond: dense."""
 _FAST_ELEMENTS = 1 << 15
 """Rows × candidates evaluated at once on the fast path."""
-_TILE_SIGMA_MIN, _TILE_SIGMA_MAX = 0.1, 50.0
-"""Noise levels that get cached interpolants (below 0.1 the candidate lists are cheap and the tiles too many)."""
+_TILE_SIGMA_MIN, _TILE_SIGMA_MAX = 0.3, 50.0
+"""Noise levels that may get cached interpolants. Below 0.3 a table needs 10⁴–10⁵ nodes (0.1: ~3·10⁵), which
+a few hundred calls on 4096 points do not pay back; below ~0.05 the candidate lists are fast anyway."""
 _TILE_WIDTH, _TILE_MAX, _TILE_ORDER, _TILE_TOL, _TILE_DEPTH = 8.0, 64, 16, 1e-6, 5
 """Top-level tile side 8σ (at most 64 tiles per axis), 16 × 16 Chebyshev points per tile, tail tolerance
 1e-6 of the tile's largest |log p| (≥ 1) or ‖score‖, and up to five levels of 2 × 2 refinement."""
-_TILE_MIN_ROWS, _TILE_CACHE, _TILE_FIRST_REQUEST = 1024, 64, 1.0
+_TILE_MIN_ROWS, _TILE_CACHE, _TILE_FIRST_REQUEST, _TILE_REPEATS = 1024, 64, 1.0, 3
 """A level is tabulated when requested with ≥ 1024 rows: at once for σ ≥ 1 (about a thousand nodes), else on
-its second request (the table costs more than one exact call); at most 64 levels are kept."""
+its third request (a Heun solve asks for each level twice; a table costs more than one exact call); at most
+64 levels are kept."""
 
 
 def _levels(value: float | Tensor, n: int, device: torch.device, name: str) -> Tensor:
@@ -377,8 +379,8 @@ class GaussianMixture:
         """[N, 3] (log p, score) from cached interpolants and the [N] mask of rows they resolved.
 
         A level σ ≥ ``_TILE_FIRST_REQUEST`` gets an interpolant on its first request with at least
-        ``_TILE_MIN_ROWS`` rows, a smaller one on its second (one-off small levels are cheaper to evaluate
-        exactly than to tabulate)."""
+        ``_TILE_MIN_ROWS`` rows, a smaller one on its ``_TILE_REPEATS``-th (levels met only once or twice are
+        cheaper to evaluate exactly than to tabulate)."""
         n = x64.shape[0]
         values, done = torch.zeros(n, 3, dtype=torch.float64), torch.zeros(n, dtype=torch.bool)
         if not self.cache_levels or len(self) < _FAST_MIN_K or n < _TILE_MIN_ROWS or x64.device.type != "cpu":
@@ -392,7 +394,7 @@ class GaussianMixture:
             self._requests[level] = seen
             if len(self._requests) > 4 * _TILE_CACHE:
                 self._requests.pop(next(iter(self._requests)))
-            if seen < 2 and level < _TILE_FIRST_REQUEST and level not in self._interpolants:
+            if seen < _TILE_REPEATS and level < _TILE_FIRST_REQUEST and level not in self._interpolants:
                 continue
             rows = torch.nonzero(inverse == i).squeeze(1)
             out, ok = self._interpolant(level)(x64[rows])
