@@ -25,7 +25,6 @@ import argparse
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ from omegaconf import OmegaConf
 
 from eval.figures import METHOD_COLUMNS, RunRecord, setting_order
 from eval.io import save_figure, write_csv, write_json, write_text
+from eval.processes import run_processes
 from eval.toy2d_figures import grid_runs, particles_grid
 from eval.tracking import records as records_of
 from eval.tracking import study_logger
@@ -107,23 +107,8 @@ def expected_cost(job: tuple[tuple[str, str, float], str]) -> tuple:
 
 
 def run_jobs(runs_dir: Path, jobs: list[tuple[tuple[str, str, float], str]], extra: list[str], workers: int) -> None:
-    """Run every (setting, method) job as its own single-threaded process, ``workers`` at a time."""
-    pending = sorted(jobs, key=expected_cost)
-    running: list[tuple[subprocess.Popen, list[str]]] = []
-    failed = []
-    while pending or running:
-        while pending and len(running) < workers:
-            command = run_command(runs_dir, *pending.pop(0), extra)
-            print("+", " ".join(command[1:]), flush=True)
-            running.append((subprocess.Popen(command, cwd=REPO_ROOT), command))
-        time.sleep(0.2)
-        for proc, command in list(running):
-            if proc.poll() is not None:
-                running.remove((proc, command))
-                if proc.returncode != 0:
-                    failed.append(" ".join(command[1:]))
-    if failed:
-        raise RuntimeError("runs failed:\n" + "\n".join(failed))
+    """Run every (setting, method) job as its own single-threaded process, ``workers`` at a time, longest first."""
+    run_processes([run_command(runs_dir, *job, extra) for job in sorted(jobs, key=expected_cost)], workers)
 
 
 def applicable(method: str, setting: tuple[str, str, float]) -> bool:

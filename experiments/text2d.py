@@ -152,72 +152,47 @@ def build(cfg: DictConfig) -> Text2DSetup:
 
 # --- sampling and evaluation ---------------------------------------------------------------------------------
 
-def ddim_samples(prior: DiffusersPrior, denoiser: Denoiser, n: int, steps: int, solver: str,
+def ddim_samples(prior: DiffusersPrior, prompts: list[str], scale: float, interval, steps: int, solver: str,
                  generator: torch.Generator, batch: int = 64) -> Tensor:
-    """PF-ODE (DDIM = Euler) samples of the prior in its sample space: ``x̂_T = √(1+σ_max²) n`` (``z_T = n``),
-    integrated down ``prior.schedule.grid(steps)``. ``denoiser`` is conditioned per sample (its batch = n)."""
+    """PF-ODE (DDIM = Euler) samples of the prior in its sample space, one per prompt: ``x̂_T = √(1+σ_max²) n``
+    (``z_T = n``) integrated down ``prior.schedule.grid(steps)`` with CFG ``scale`` against "", in batches."""
     sigmas = prior.schedule.grid(steps)
-    noise = torch.randn(n, *prior.sample_shape, generator=generator).to(prior.device)
+    noise = torch.randn(len(prompts), *prior.sample_shape, generator=generator).to(prior.device)
+    interval = tuple(interval) if interval is not None else None
     out = []
     with torch.no_grad():
-        for start in range(0, n, batch):
+        for start in range(0, len(prompts), batch):
+            denoiser = prior.denoiser(prompts[start:start + batch], scale, interval)
             x = noise[start:start + batch] * float((1 + sigmas[0] ** 2) ** 0.5)
-            out.append(sample(_rows(denoiser, start, x.shape[0]), x, sigmas, solver))
+            out.append(sample(denoiser, x, sigmas, solver))
     return torch.cat(out)
 
 
-class _RowView(Denoiser):
-    """Rows ``[start, start + n)`` of a per-sample-conditioned prior view (for batched sampling)."""
-
-    def __init__(self, prior: DiffusersPrior, prompts: list[str], scale: float, interval):
-        self.inner = prior.denoiser(prompts, scale, interval)
-        self.vp = True
-
-    @property
-    def evaluations_per_call(self) -> int:
-        return self.inner.evaluations_per_call
-
-    def eps(self, x: Tensor, sigma: Tensor) -> Tensor:
-        return self.inner.eps(x, sigma)
-
-
-def _rows(denoiser: Denoiser, start: int, n: int) -> Denoiser:
-    return denoiser if not isinstance(denoiser, _RowFactory) else denoiser.view(start, n)
-
-
-class _RowFactory(Denoiser):
-    """A per-sample prompt list that hands out row views, so DDIM reference sets can be sampled in batches."""
-
-    vp = True
-
-    def __init__(self, prior: DiffusersPrior, prompts: list[str], scale: float, interval):
-        self.prior, self.prompts, self.scale, self.interval = prior, prompts, scale, interval
-
-    def view(self, start: int, n: int) -> Denoiser:
-        return _RowView(self.prior, self.prompts[start:start + n], self.scale, self.interval)
-
-    def eps(self, x: Tensor, sigma: Tensor) -> Tensor:
-        return self.view(0, x.shape[0]).eps(x, sigma)
-
-
-def reference_images(cfg: DictConfig, prior: DiffusersPrior, cache_dir: Path) -> tuple[Tensor, list[str]]:
-    """DDIM reference images [P·R, C, H, W] in [−1, 1] and their prompts, cached under ``cache_dir`` by a
-    hash of everything they depend on (prior, prompts, counts, steps, scale, seed)."""
+def reference_cache_path(cfg: DictConfig) -> Path:
+    """Where the DDIM reference set of ``cfg`` is cached: a hash of everything it depends on (prior, prompts,
+    counts, steps, solver, scale, seed) under ``task.eval.cache_dir``."""
     ev = cfg.task.eval
     key = {"prior": cfg.prior.name, "path": str(cfg.prior.path), "prompts": list(cfg.task.prompts),
            "per_prompt": int(ev.reference_per_prompt), "steps": int(ev.reference_steps),
            "solver": ev.reference_solver, "scale": float(ev.reference_guidance_scale), "seed": int(ev.reference_seed)}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = Path(cache_dir) / f"ddim_reference_{digest}.npz"
+    return Path(ev.cache_dir) / f"ddim_reference_{digest}.npz"
+
+
+def reference_images(cfg: DictConfig, prior: DiffusersPrior) -> tuple[Tensor, list[str]]:
+    """DDIM reference images [P·R, C, H, W] in [−1, 1] and their prompts, computed once and cached at
+    :func:`reference_cache_path`."""
+    ev = cfg.task.eval
+    path = reference_cache_path(cfg)
     prompts = [p for p in cfg.task.prompts for _ in range(int(ev.reference_per_prompt))]
     if path.is_file():
         with np.load(path) as arrays:
             return torch.from_numpy(arrays["images"]), prompts
     generator = torch.Generator().manual_seed(int(ev.reference_seed))
-    factory = _RowFactory(prior, prompts, float(ev.reference_guidance_scale), None)
-    samples = ddim_samples(prior, factory, len(prompts), int(ev.reference_steps), ev.reference_solver, generator)
+    samples = ddim_samples(prior, prompts, float(ev.reference_guidance_scale), None, int(ev.reference_steps),
+                           ev.reference_solver, generator)
     images = decode_images(prior, samples)
-    write_npz(path, images=images.numpy(), key=np.array(json.dumps(key)))
+    write_npz(path, images=images.numpy())
     return images, prompts
 
 
@@ -231,7 +206,7 @@ class Scorer:
     """FID against the DDIM reference (and, on ShapesWorld, against true renders), prompt accuracy and the
     mode-alignment distance of a set of images."""
 
-    def __init__(self, cfg: DictConfig, setup: Text2DSetup, cache_dir: Path):
+    def __init__(self, cfg: DictConfig, setup: Text2DSetup):
         ev = cfg.task.eval
         self.world, self.mode_distance = setup.world, bool(ev.mode_distance)
         if setup.world:
@@ -248,7 +223,7 @@ class Scorer:
             self.true_fid = FIDTracker(features, renders)
         else:
             features = inception_features(ev.inception_path)
-        reference, _ = reference_images(cfg, setup.prior, cache_dir)
+        reference, _ = reference_images(cfg, setup.prior)
         self.reference = reference
         self.fid = FIDTracker(features, reference)
 
@@ -289,15 +264,14 @@ def run(cfg: DictConfig, setup: Text2DSetup, run_dir: Path, logger: RunLogger) -
     start = time.perf_counter()
     task = cfg.task
     run_dir = Path(run_dir)
-    scorer = Scorer(cfg, setup, Path(task.eval.cache_dir))
+    scorer = Scorer(cfg, setup)
     method = method_label(cfg.guidance)
     rows: list[dict] = []
     if setup.guidance is None:
         generator = torch.Generator().manual_seed(int(cfg.seed))
         tic = time.perf_counter()
         steps = int(cfg.guidance.solver_steps)
-        samples = ddim_samples(setup.prior, _RowFactory(setup.prior, setup.prompts, float(cfg.guidance_scale),
-                                                        cfg.guidance_interval), len(setup.prompts), steps,
+        samples = ddim_samples(setup.prior, setup.prompts, float(cfg.guidance_scale), cfg.guidance_interval, steps,
                                cfg.guidance.solver, generator)
         seconds = time.perf_counter() - tic
         images = decode_images(setup.prior, samples)
@@ -359,7 +333,7 @@ def optimise(cfg: DictConfig, setup: Text2DSetup, scorer: Scorer, rows: list[dic
         evals += float(out.aux.get("nfe", 0.0))
         done = step + 1
         if done % int(task.eval.every) == 0 and done < int(task.steps):
-            logger.log_scalars({"loss": float(loss), **out.aux}, step=done)
+            logger.log_scalars({"loss": float(loss.detach()), **out.aux}, step=done)
             score(done, evals)
     score(done, evals, final=True)
     with torch.no_grad():

@@ -40,7 +40,7 @@ class Guidance(ABC):
 
 def summarize(x: Tensor, target: Tensor, **extra: float) -> dict[str, float]:
     """Common aux scalars: mean per-sample ‖x − y‖ plus method-specific values."""
-    grad_norm = (x - target).flatten(1).norm(dim=1).mean()
+    grad_norm = (x.detach() - target).flatten(1).norm(dim=1).mean()
     return {"grad_norm": float(grad_norm), **{k: float(v) for k, v in extra.items()}}
 
 
