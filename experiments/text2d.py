@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
@@ -28,9 +27,10 @@ from torch import Tensor, nn
 import baselines  # noqa: F401  (registers "sds", "vsd", "sdi")
 import msd  # noqa: F401  (registers "msd")
 from eval.fid import ClassifierFeatures, FIDTracker, inception_features
-from eval.io import save_figure, write_csv, write_json, write_npz
+from eval.io import write_npz
 from experiments.builders import method_label
 from experiments.loggers import RunLogger
+from experiments.outputs import finish_run
 from msd.denoiser import Denoiser
 from msd.generators import FourierImageMLP, ImageGrid
 from msd.guidance import Guidance, available_guidances, build_guidance, require, target_loss
@@ -284,16 +284,10 @@ def run(cfg: DictConfig, setup: Text2DSetup, run_dir: Path, logger: RunLogger) -
              "seed": int(cfg.seed), **{k: v for k, v in rows[-1].items() if k not in ("iteration",)},
              "iterations": done, "unet_evals_per_iter": rows[-1]["unet_evals"] / max(done, 1),
              "ms_per_iter": round(ms_per_iter, 3), "seconds": round(seconds, 3), "images": len(setup.prompts)}
-    write_csv(run_dir / "metrics.csv", pd.DataFrame(rows))
     write_npz(run_dir / "images.npz", images=images.numpy(), prompts=np.array(setup.prompts))
     figure = image_grid_figure(images, setup.prompts, int(task.images_per_prompt),
                                f"{method} on {cfg.prior.name}, w={float(cfg.guidance_scale):g}: FID {final['fid']:.2f}")
-    save_figure(run_dir / "images.png", figure)
-    logger.log_figure("images", figure)
-    final["total_seconds"] = round(time.perf_counter() - start, 3)
-    write_json(run_dir / "final.json", final)
-    logger.log_table("final_metrics", [final])
-    return final
+    return finish_run(run_dir, final, rows, "images", figure, logger, start)
 
 
 def optimise(cfg: DictConfig, setup: Text2DSetup, scorer: Scorer, rows: list[dict],

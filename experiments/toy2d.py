@@ -15,17 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from omegaconf import DictConfig
 from torch import Tensor
 from tqdm import tqdm
 
 from eval.figures import Canvas, DensityMap, scatter_figure
-from eval.io import save_figure, write_csv, write_json, write_npz
+from eval.io import write_npz
 from eval.toy_metrics import ToyEvaluator
 from experiments.builders import ReferenceSampler, Toy2DSetup, build_toy2d, method_label, noise_schedule
 from experiments.loggers import RunLogger
+from experiments.outputs import finish_run
 from msd.guidance import Guidance, target_loss
 from msd.solvers import solver_evaluations, solver_step
 from toy2d import fractal_gmm
@@ -175,13 +175,7 @@ def run(cfg: DictConfig, setup: Toy2DSetup, run_dir: Path, logger: RunLogger) ->
     }
     write_npz(run_dir / "particles.npz", particles=outcome.particles.cpu().numpy(),
               trajectory=np.stack(history.snapshots), trajectory_steps=np.array(history.snapshot_steps))
-    write_csv(run_dir / "metrics.csv", pd.DataFrame(history.rows))
     density = density_map(task.target_class, center, half_size, evaluator.hdr_level, int(task.figure.resolution))
     figure = scatter_figure(density, outcome.particles.cpu().numpy(), f"{label}: NLL {final['nll']:.2f}, "
                             f"in-HDR {final['in_hdr']:.2f}")
-    save_figure(run_dir / "scatter.png", figure)
-    logger.log_figure("scatter", figure)
-    final["total_seconds"] = round(time.perf_counter() - start, 3)
-    write_json(run_dir / "final.json", final)
-    logger.log_table("final_metrics", [final])
-    return final
+    return finish_run(run_dir, final, history.rows, "scatter", figure, logger, start)

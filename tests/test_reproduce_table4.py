@@ -14,12 +14,10 @@ os.environ["WANDB_MODE"] = "disabled"
 
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from eval.reproduce_table4 import GUIDANCES, main, replace_readme_block  # noqa: E402
 from eval.table4_figures import build_all  # noqa: E402
-from shapes.models import ShapesClassifier  # noqa: E402
-from tests.tiny_sd import build_tiny_prior  # noqa: E402
+from tests.tiny_sd import build_tiny_prior, build_tiny_shapes_prior  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 METHODS = ["ddim", "sds", "vsd", "sdi", "msd_stable", "msd"]
@@ -38,11 +36,8 @@ def reproduce(tmp: Path, *args: str) -> str:
 def table(tmp_path_factory):
     """The whole table on a tiny prior: 2 prompts × 2 images, 2 iterations, 2-step samplers."""
     tmp = tmp_path_factory.mktemp("table4")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        ShapesClassifier(channels=(4, 8), feature_dim=8).save(tmp / "classifier")
-    prior = build_tiny_prior(tmp / "prior", latent=False, sample_size=32)
-    tiny = [f"prior.path={prior}", f"prior.classifier={tmp / 'classifier'}",
+    prior, classifier = build_tiny_shapes_prior(tmp)
+    tiny = [f"prior.path={prior}", f"prior.classifier={classifier}",
             'task.prompts=["a red circle","a blue square"]', "task.images_per_prompt=2", "task.steps=2",
             "task.eval.every=1", "task.eval.reference_per_prompt=2", "task.eval.reference_steps=2",
             "task.solver_steps=2", f"task.eval.cache_dir={tmp / 'cache'}", "logger=none"]

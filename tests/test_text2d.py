@@ -12,12 +12,10 @@ os.environ["WANDB_MODE"] = "disabled"
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
-import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from experiments.run import run  # noqa: E402
-from shapes.models import ShapesClassifier  # noqa: E402
-from tests.tiny_sd import build_tiny_prior  # noqa: E402
+from tests.tiny_sd import build_tiny_shapes_prior  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = '["a red circle","a blue square"]'
@@ -26,15 +24,12 @@ PROMPTS = '["a red circle","a blue square"]'
 @pytest.fixture(scope="module")
 def tiny_pixel_prior(tmp_path_factory):
     """A tiny random 32 px pixel prior beside an untrained ShapesWorld classifier (the plumbing, not the numbers)."""
-    root = tmp_path_factory.mktemp("prior")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        ShapesClassifier(channels=(4, 8), feature_dim=8).save(root / "classifier")
-    return build_tiny_prior(root / "pipeline", latent=False, sample_size=32)
+    return build_tiny_shapes_prior(tmp_path_factory.mktemp("prior"))[0]
 
 
 def compose_config(prior: Path, cache: Path, *overrides: str):
-    tiny = ["experiment=table4_shapes", f"prior.path={prior}", f"prior.classifier={prior.parent / 'classifier'}", f"task.prompts={PROMPTS}", "task.images_per_prompt=2",
+    tiny = ["experiment=table4_shapes", f"prior.path={prior}", f"prior.classifier={prior.parent / 'classifier'}",
+            f"task.prompts={PROMPTS}", "task.images_per_prompt=2",
             "task.steps=3", "task.eval.every=2", "task.eval.reference_per_prompt=3", "task.eval.reference_steps=2",
             f"task.eval.cache_dir={cache}", "logger=none", "task.solver_steps=2"]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):

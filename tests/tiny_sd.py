@@ -73,3 +73,15 @@ def build_tiny_prior(root: Path, *, latent: bool = True, prediction_type: str = 
                   set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
                   ).save_pretrained(root / "scheduler")
     return root
+
+
+def build_tiny_shapes_prior(root: Path) -> tuple[Path, Path]:
+    """A tiny random 32 px pixel prior (``root/pipeline``) and an untrained ShapesWorld classifier
+    (``root/classifier``): the text-to-2D plumbing on ShapesWorld without the committed models' numbers.
+    Returns (prior directory, classifier directory)."""
+    from shapes.models import ShapesClassifier
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        ShapesClassifier(channels=(4, 8), feature_dim=8).save(root / "classifier")
+    return build_tiny_prior(root / "pipeline", latent=False, sample_size=32), root / "classifier"

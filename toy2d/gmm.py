@@ -431,18 +431,8 @@ class GaussianMixture:
         out = values[:, 1:]
         rest = torch.nonzero(~done).squeeze(1)
         if rest.numel():
-            out[rest] = self._exact_score(x64[rest], sig[rest])
+            out[rest] = self._exact_both(x64[rest], sig[rest])[:, 1:]
         return out.to(x.dtype)
-
-    def _exact_score(self, x64: Tensor, sig: Tensor) -> Tensor:
-        var = sig**2
-        blocks = self._blocks(x64, sig)
-        out = []
-        for r, idx in blocks:
-            logits, g0, g1 = self._terms(x64[r], var[r], idx)
-            w = torch.softmax(logits, dim=-1)
-            out.append(torch.stack(((w * g0).sum(-1), (w * g1).sum(-1)), dim=-1))
-        return self._unpermute([r for r, _ in blocks], out, x64.shape[0])
 
     def sample(self, n: int, sigma: float | Tensor = 0.0, generator: torch.Generator | None = None) -> Tensor:
         """n exact samples of p_σ = p ∗ N(0, σ² I): k ~ Categorical(φ), x = μ_k + L z with L Lᵀ = Σ_k + σ² I.
