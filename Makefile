@@ -30,7 +30,7 @@ reproduce-toy2d: venv
 
 # Table 4 (text-to-2D FID vs iterations): PRIOR=sd21 (GPU node with the weights) or PRIOR=shapes (this CPU)
 reproduce-table4: venv
-	$(PY) -m eval.reproduce_table4 --prior $(PRIOR) $(TABLE4_ARGS)
+	$(PY) -m eval.reproduce_table4 --prior $(PRIOR) $(if $(INCEPTION),task.eval.inception_path=$(INCEPTION)) $(TABLE4_ARGS)
 
 reproduce-table4-quick: venv
 	$(PY) -m eval.reproduce_table4 --prior shapes --quick
