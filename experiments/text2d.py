@@ -303,13 +303,15 @@ def optimise(cfg: DictConfig, setup: Text2DSetup, scorer: Scorer, rows: list[dic
         out = setup.generator()
         return setup.prior.encode(out) if image_space else out
 
-    def score(iteration: int, evals: float, final: bool = False) -> None:
+    def score(iteration: int, evals: float, final: bool = False) -> Tensor:
+        """Score the current images (float32 CPU, [−1, 1]), record the row and return the images."""
         with torch.no_grad():
             images = (setup.generator().clamp(-1, 1).float().cpu() if image_space
                       else decode_images(setup.prior, setup.generator()))
         row = {"iteration": iteration, "unet_evals": evals, **scorer(images, final)}
         rows.append(row)
         logger.log_scalars(row, step=iteration)
+        return images
 
     evals, seconds, done = 0.0, 0.0, 0
     score(0, 0.0)
@@ -329,8 +331,5 @@ def optimise(cfg: DictConfig, setup: Text2DSetup, scorer: Scorer, rows: list[dic
         if done % int(task.eval.every) == 0 and done < int(task.steps):
             logger.log_scalars({"loss": float(loss.detach()), **out.aux}, step=done)
             score(done, evals)
-    score(done, evals, final=True)
-    with torch.no_grad():
-        images = (setup.generator().clamp(-1, 1).float().cpu() if image_space
-                  else decode_images(setup.prior, setup.generator()))
+    images = score(done, evals, final=True)
     return images, done, seconds, 1e3 * seconds / max(done, 1)
