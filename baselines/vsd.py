@@ -11,6 +11,7 @@ low-dimensional samples; an image prior passes its own ``particle_model``, e.g. 
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -65,7 +66,7 @@ class VSDGuidance(NoisedGuidance):
         self.weighting, self.phi_lr, self.phi_steps = weighting, float(phi_lr), int(phi_steps)
         self.phi_hidden, self.phi_layers = int(phi_hidden), int(phi_layers)
         self.phi_timesteps = TimestepSampler(self.noise_schedule, 0.0, 1.0)
-        self.particle_model, self.phi_optimizer = particle_model, None
+        self.particle_model, self.phi_optimizer, self.particle_dim = particle_model, None, None
         if particle_model is not None:
             self.phi_optimizer = torch.optim.Adam(particle_model.parameters(), lr=self.phi_lr)
 
@@ -73,11 +74,39 @@ class VSDGuidance(NoisedGuidance):
         """Build ε̂_φ on the first call, once the sample dimension is known (seeded from ``generator``)."""
         if self.particle_model is not None:
             return
+        self.particle_dim = x[0].numel()
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         base = self.denoiser.main if isinstance(self.denoiser, GuidedDenoiser) else self.denoiser
-        self.particle_model = ResidualDenoiser(base, x[0].numel(), self.phi_hidden, self.phi_layers,
+        self.particle_model = ResidualDenoiser(base, self.particle_dim, self.phi_hidden, self.phi_layers,
                                                torch.Generator().manual_seed(seed)).to(x.device, x.dtype)
         self.phi_optimizer = torch.optim.Adam(self.particle_model.parameters(), lr=self.phi_lr)
+
+    def state_dict(self) -> dict:
+        """ε̂_φ's trainable parameters (the toy MLP or the prior's LoRA) and its Adam state; empty before the
+        first call (the toy ε̂_φ does not exist yet)."""
+        if self.phi_optimizer is None:
+            return {}
+        return {"dim": self.particle_dim, "parameters": [p.detach().clone() for p in self._phi_parameters()],
+                "optimizer": copy.deepcopy(self.phi_optimizer.state_dict())}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        if self.particle_model is None:  # the toy ε̂_φ: build it (its random init is overwritten below)
+            like = torch.empty(1, state["dim"], dtype=state["parameters"][0].dtype,
+                               device=state["parameters"][0].device)
+            self._ensure_particle_model(like, torch.Generator(like.device))
+        parameters = self._phi_parameters()
+        require(len(parameters) == len(state["parameters"]) and all(
+            p.shape == q.shape for p, q in zip(parameters, state["parameters"])),
+            "checkpoint guidance state", "ε̂_φ parameters of the same shapes as this run's", "a different model")
+        with torch.no_grad():
+            for parameter, saved in zip(parameters, state["parameters"]):
+                parameter.copy_(saved)
+        self.phi_optimizer.load_state_dict(state["optimizer"])
+
+    def _phi_parameters(self) -> list[Tensor]:
+        return [p for group in self.phi_optimizer.param_groups for p in group["params"]]
 
     def train_particle_model(self, x: Tensor, generator: torch.Generator | None) -> float:
         """``phi_steps`` Adam steps of denoising score matching on the detached particles; last loss."""

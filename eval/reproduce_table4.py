@@ -32,8 +32,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from eval.io import write_csv, write_text
-from eval.processes import run_processes
-from eval.reproduce_toy2d import is_done
+from eval.processes import is_done, prepare_rerun, run_processes
 from eval.table4_figures import (PRIORS, REFERENCE_METHOD, Table4Run, build_figures, default_results_dir,
                                  default_runs_dir, find_table4_runs, reference_run)
 from eval.tracking import records as records_of
@@ -96,8 +95,8 @@ def run_table(prior: str, runs_dir: Path, extra: list[str], force: bool, workers
     reused = [m for m in GUIDANCES if m not in todo]
     if reused:
         print(f"reusing finished runs {reused} in {runs_dir}", flush=True)
-    for method in todo:  # a stale result must not be aggregated if its rerun fails
-        (runs_dir / method / "final.json").unlink(missing_ok=True)
+    for method in todo:
+        prepare_rerun(runs_dir / method, run_overrides(prior, method, extra), force)
 
     def command(method: str) -> list[str]:
         return [sys.executable, "-m", "experiments.run", *run_overrides(prior, method, extra),

@@ -30,12 +30,10 @@ import time
 from pathlib import Path
 
 import pandas as pd
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from eval.figures import METHOD_COLUMNS, RunRecord, setting_order
 from eval.io import save_figure, write_csv, write_json, write_text
-from eval.processes import run_processes
+from eval.processes import is_done, prepare_rerun, run_processes
 from eval.toy2d_figures import grid_runs, particles_grid
 from eval.tracking import records as records_of
 from eval.tracking import study_logger
@@ -71,23 +69,6 @@ def run_overrides(method: str, setting: tuple[str, str, float], extra: list[str]
     denoiser, guide, scale = setting
     return ["experiment=toy2d", f"guidance={method}", f"denoiser={denoiser}", f"guide={guide}",
             f"guidance_scale={scale:g}", *extra]
-
-
-def result_relevant(config: dict) -> dict:
-    """The config without what cannot change a result (the tracker, the progress bar)."""
-    config = {key: value for key, value in config.items() if key != "logger"}
-    config["task"] = {key: value for key, value in config["task"].items() if key != "progress_bar"}
-    return config
-
-
-def is_done(run_dir: Path, overrides: list[str]) -> bool:
-    """A finished run whose resolved config equals the one these overrides compose to now."""
-    if not (run_dir / "final.json").is_file():
-        return False
-    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
-        expected = OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)
-    found = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
-    return result_relevant(found) == result_relevant(expected)
 
 
 def run_command(runs_dir: Path, setting: tuple[str, str, float], method: str, extra: list[str]) -> list[str]:
@@ -127,6 +108,8 @@ def run_grid(runs_dir: Path, methods: list[str], denoisers: list[str], extra: li
         reused = [m for m in methods_here if m not in todo]
         if reused:
             print(f"reusing finished runs {reused} in {setting_dir(runs_dir, setting)}", flush=True)
+        for method in todo:
+            prepare_rerun(setting_dir(runs_dir, setting) / method, run_overrides(method, setting, extra), force)
         jobs += [(setting, m) for m in todo]
     run_jobs(runs_dir, jobs, extra, workers)
 

@@ -2,7 +2,8 @@
 
 Builds and checks everything first (a bad config fails before the run writes anything), then writes
 the resolved config (``config.yaml``, beside Hydra's ``.hydra/``), starts the logger and runs the task
-driver in the Hydra run directory.
+driver in the Hydra run directory. The same command in the same run directory resumes an interrupted run
+from its checkpoint and returns a finished run's metrics at once (``experiments.checkpoint``).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from eval.io import write_text
+from experiments.checkpoint import CONFIG_FILE, RunCheckpoint, check_same_run, finished_metrics
 from experiments.loggers import build_logger, check_logger_config
 from msd.guidance import require
 
@@ -33,16 +35,24 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     require(cfg.num_threads is None or cfg.num_threads >= 1, "num_threads", "null or >= 1", cfg.num_threads)
     if cfg.num_threads is not None:
         torch.set_num_threads(int(cfg.num_threads))
-    setup = driver.build(cfg)
-    check_logger_config(cfg.logger)
     run_dir = Path(run_dir)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    write_text(run_dir / "config.yaml", OmegaConf.to_yaml(resolved))
+    check_same_run(run_dir, resolved)
+    finished = finished_metrics(run_dir)
+    if finished is not None:
+        print(f"{run_dir} already holds this finished run (final.json): nothing to do", flush=True)
+        return finished
+    setup = driver.build(cfg)
+    check_logger_config(cfg.logger)
+    checkpoint = RunCheckpoint(run_dir, cfg.task.checkpoint_every)
+    write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(resolved))
     logger = build_logger(cfg.logger, run_dir, resolved, run_name=run_dir.name)
     try:
-        return driver.run(cfg, setup, run_dir, logger)
+        final = driver.run(cfg, setup, run_dir, logger, checkpoint)
     finally:
         logger.finish()
+    checkpoint.remove()
+    return final
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

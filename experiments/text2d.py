@@ -29,6 +29,7 @@ import msd  # noqa: F401  (registers "msd")
 from eval.fid import ClassifierFeatures, FIDTracker, inception_features
 from eval.io import write_npz
 from experiments.builders import method_label
+from experiments.checkpoint import RunCheckpoint
 from experiments.loggers import RunLogger
 from experiments.outputs import finish_run
 from msd.denoiser import Denoiser
@@ -259,8 +260,9 @@ def image_grid_figure(images: Tensor, prompts: list[str], per_prompt: int, title
     return figure
 
 
-def run(cfg: DictConfig, setup: Text2DSetup, run_dir: Path, logger: RunLogger) -> dict:
-    """One text-to-2D run into ``run_dir``: metrics.csv (every eval), final.json, images.npz, images.png."""
+def run(cfg: DictConfig, setup: Text2DSetup, run_dir: Path, logger: RunLogger, checkpoint: RunCheckpoint) -> dict:
+    """One text-to-2D run into ``run_dir``: metrics.csv (every eval), final.json, images.npz, images.png. The
+    optimisation resumes from ``checkpoint``; the DDIM reference row simply reruns."""
     start = time.perf_counter()
     task = cfg.task
     run_dir = Path(run_dir)
@@ -279,7 +281,7 @@ def run(cfg: DictConfig, setup: Text2DSetup, run_dir: Path, logger: RunLogger) -
         rows.append({"iteration": steps, "unet_evals": evals, **scorer(images, final=True)})
         done, ms_per_iter = steps, 1e3 * seconds / steps
     else:
-        images, done, seconds, ms_per_iter = optimise(cfg, setup, scorer, rows, logger)
+        images, done, seconds, ms_per_iter = optimise(cfg, setup, scorer, rows, logger, checkpoint)
     final = {"method": method, "prior": cfg.prior.name, "guidance_scale": float(cfg.guidance_scale),
              "seed": int(cfg.seed), **{k: v for k, v in rows[-1].items() if k not in ("iteration",)},
              "iterations": done, "unet_evals_per_iter": rows[-1]["unet_evals"] / max(done, 1),
@@ -290,9 +292,10 @@ def run(cfg: DictConfig, setup: Text2DSetup, run_dir: Path, logger: RunLogger) -
     return finish_run(run_dir, final, rows, "images", figure, logger, start)
 
 
-def optimise(cfg: DictConfig, setup: Text2DSetup, scorer: Scorer, rows: list[dict],
-             logger: RunLogger) -> tuple[Tensor, int, float, float]:
-    """Adam on ψ for ``task.steps`` iterations (MSD may stop early); scores every ``eval.every``."""
+def optimise(cfg: DictConfig, setup: Text2DSetup, scorer: Scorer, rows: list[dict], logger: RunLogger,
+             checkpoint: RunCheckpoint) -> tuple[Tensor, int, float, float]:
+    """Adam on ψ for ``task.steps`` iterations (MSD may stop early); scores every ``eval.every``; saves the
+    loop state every ``checkpoint.every`` iterations and resumes from a saved one."""
     task = cfg.task
     generator = torch.Generator().manual_seed(int(cfg.seed) + 1)
     params = [p for p in setup.generator.parameters() if p.requires_grad]
@@ -313,9 +316,19 @@ def optimise(cfg: DictConfig, setup: Text2DSetup, scorer: Scorer, rows: list[dic
         logger.log_scalars(row, step=iteration)
         return images
 
-    evals, seconds, done = 0.0, 0.0, 0
-    score(0, 0.0)
-    for step in range(int(task.steps)):
+    saved = checkpoint.load()
+    if saved is None:
+        evals, seconds, done = 0.0, 0.0, 0
+        score(0, 0.0)
+    else:
+        setup.generator.load_state_dict(saved["image_generator"])
+        optimizer.load_state_dict(saved["optimizer"])
+        setup.guidance.load_state_dict(saved["guidance"])
+        generator.set_state(saved["generator"])
+        rows.extend(dict(r) for r in saved["rows"])
+        evals, seconds, done = saved["evals"], saved["seconds"], saved["step"]
+        print(f"resuming from iteration {done} ({checkpoint.path})", flush=True)
+    for step in range(done, int(task.steps)):
         if setup.guidance.should_stop(step):
             break
         tic = time.perf_counter()
@@ -331,5 +344,9 @@ def optimise(cfg: DictConfig, setup: Text2DSetup, scorer: Scorer, rows: list[dic
         if done % int(task.eval.every) == 0 and done < int(task.steps):
             logger.log_scalars({"loss": float(loss.detach()), **out.aux}, step=done)
             score(done, evals)
+        if checkpoint.due(done) and done < int(task.steps):
+            checkpoint.save(done, {"image_generator": setup.generator.state_dict(), "optimizer": optimizer.state_dict(),
+                                   "guidance": setup.guidance.state_dict(), "generator": generator.get_state(),
+                                   "rows": [dict(r) for r in rows], "evals": evals, "seconds": seconds})
     images = score(done, evals, final=True)
     return images, done, seconds, 1e3 * seconds / max(done, 1)

@@ -5,7 +5,8 @@ Per step k: ``out = guidance(x, k, generator)``; ``L = ½‖x − sg(out.target)
 one optimiser step; stop early when ``guidance.should_stop(k)``. Every ``task.metrics_every`` steps
 (and at the last) a row of metrics.csv records the loss and aux scalars of that update and the NLL /
 in-HDR of the particles after it. The run directory receives ``particles.npz``, ``metrics.csv``,
-``final.json`` and ``scatter.png``.
+``final.json`` and ``scatter.png``; while it runs, ``checkpoint.pt`` every ``task.checkpoint_every`` steps
+(``experiments.checkpoint``: the same command resumes, bitwise identical to an uninterrupted run).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from eval.figures import Canvas, DensityMap, scatter_figure
 from eval.io import write_npz
 from eval.toy_metrics import ToyEvaluator
 from experiments.builders import ReferenceSampler, Toy2DSetup, build_toy2d, method_label, noise_schedule
+from experiments.checkpoint import RunCheckpoint
 from experiments.loggers import RunLogger
 from experiments.outputs import finish_run
 from msd.guidance import Guidance, target_loss
@@ -31,7 +33,8 @@ from msd.solvers import solver_evaluations, solver_step
 from toy2d import fractal_gmm
 
 build = build_toy2d
-"""The driver interface of ``experiments.run``: ``build(cfg) -> setup``, then ``run(cfg, setup, run_dir, logger)``."""
+"""The driver interface of ``experiments.run``: ``build(cfg) -> setup``, then
+``run(cfg, setup, run_dir, logger, checkpoint)``."""
 
 
 OBJECTIVE = "nll"
@@ -77,6 +80,15 @@ class History:
             self.snapshot_steps.append(step)
             self.snapshots.append(x.detach().cpu().numpy().copy())
 
+    def state(self) -> dict:
+        """For a checkpoint (tensors and plain values)."""
+        return {"snapshot_steps": list(self.snapshot_steps), "rows": [dict(r) for r in self.rows],
+                "snapshots": [torch.from_numpy(s) for s in self.snapshots]}
+
+    def restore(self, state: dict) -> None:
+        self.snapshot_steps, self.rows = list(state["snapshot_steps"]), [dict(r) for r in state["rows"]]
+        self.snapshots = [s.numpy() for s in state["snapshots"]]
+
 
 @dataclass
 class Outcome:
@@ -89,15 +101,28 @@ class Outcome:
 
 
 def optimise(guidance: Guidance, x_init: Tensor, task: DictConfig, generator: torch.Generator,
-             evaluator: ToyEvaluator, history: History, logger: RunLogger, label: str) -> Outcome:
-    """Adam (or SGD) on the particles against ``guidance``'s targets; ``seconds`` excludes the metrics."""
+             evaluator: ToyEvaluator, history: History, logger: RunLogger, label: str,
+             checkpoint: RunCheckpoint) -> Outcome:
+    """Adam (or SGD) on the particles against ``guidance``'s targets; ``seconds`` excludes the metrics.
+    Every ``checkpoint.every`` steps the loop state is saved; a saved state is resumed from."""
     x = x_init.clone().requires_grad_(True)
     optimizer = make_optimizer([x], task.optimizer)
-    history.snapshot(0, x)
-    history.rows.append({"step": 0, **evaluator(x)})
-    seconds, nfe, done = 0.0, 0.0, 0
-    with tqdm(total=task.steps, desc=label, disable=not task.progress_bar, mininterval=1.0) as bar:
-        for step in range(task.steps):
+    saved = checkpoint.load()
+    if saved is None:
+        history.snapshot(0, x)
+        history.rows.append({"step": 0, **evaluator(x)})
+        seconds, nfe, done = 0.0, 0.0, 0
+    else:
+        with torch.no_grad():
+            x.copy_(saved["particles"])
+        optimizer.load_state_dict(saved["optimizer"])
+        guidance.load_state_dict(saved["guidance"])
+        generator.set_state(saved["generator"])
+        history.restore(saved["history"])
+        seconds, nfe, done = saved["seconds"], saved["nfe"], saved["step"]
+        print(f"resuming {label} from step {done} ({checkpoint.path})", flush=True)
+    with tqdm(total=task.steps, initial=done, desc=label, disable=not task.progress_bar, mininterval=1.0) as bar:
+        for step in range(done, task.steps):
             if guidance.should_stop(step):
                 break
             tic = time.perf_counter()
@@ -115,6 +140,10 @@ def optimise(guidance: Guidance, x_init: Tensor, task: DictConfig, generator: to
                 row = {"step": done, "loss": loss_value, **out.aux, **evaluator(x)}
                 history.rows.append(row)
                 logger.log_scalars(row, step=done)
+            if checkpoint.due(done) and not last:
+                checkpoint.save(done, {"particles": x.detach(), "optimizer": optimizer.state_dict(),
+                                       "guidance": guidance.state_dict(), "generator": generator.get_state(),
+                                       "history": history.state(), "seconds": seconds, "nfe": nfe})
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4g}", refresh=False)
     return Outcome(x.detach(), done, seconds, nfe)
@@ -141,8 +170,9 @@ def sample_reference(denoiser, reference: ReferenceSampler, n: int, task: DictCo
     return Outcome(x, steps, seconds, nfe)
 
 
-def run(cfg: DictConfig, setup: Toy2DSetup, run_dir: Path, logger: RunLogger) -> dict:
-    """Run one toy experiment and write its outputs into ``run_dir``; returns the final metrics."""
+def run(cfg: DictConfig, setup: Toy2DSetup, run_dir: Path, logger: RunLogger, checkpoint: RunCheckpoint) -> dict:
+    """Run one toy experiment and write its outputs into ``run_dir``; returns the final metrics. The particle
+    optimisation resumes from ``checkpoint``; the reference sampler (a few ms) simply reruns."""
     start = time.perf_counter()
     task = cfg.task
     evaluator = toy_evaluator(task.target_class, int(task.eval.n_reference), int(task.eval.reference_seed),
@@ -158,7 +188,7 @@ def run(cfg: DictConfig, setup: Toy2DSetup, run_dir: Path, logger: RunLogger) ->
                                    evaluator, history, logger)
     else:
         x_init = canvas_grid(center, half_size, int(task.grid_size)).to(device)
-        outcome = optimise(setup.guidance, x_init, task, generator, evaluator, history, logger, label)
+        outcome = optimise(setup.guidance, x_init, task, generator, evaluator, history, logger, label, checkpoint)
     final = {
         "method": method,
         "denoiser": cfg.denoiser.name,

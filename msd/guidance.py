@@ -37,6 +37,16 @@ class Guidance(ABC):
         """Termination criterion checked before step ``step`` (MSD: bandwidth below λ_min)."""
         return False
 
+    def state_dict(self) -> dict:
+        """What a resumed run needs beyond the step index (tensors and plain values only). Empty for a
+        guidance whose state is a function of the step (SDS, SDI, MSD: λ = schedule(step))."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output (before the first call of a resumed run)."""
+        if state:
+            raise ValueError(f"guidance {self.name!r} keeps no state, got a checkpoint with {sorted(state)}")
+
 
 def summarize(x: Tensor, target: Tensor, **extra: float) -> dict[str, float]:
     """Common aux scalars: mean per-sample ‖x − y‖ plus method-specific values."""
