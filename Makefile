@@ -6,7 +6,8 @@ export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE ?= offline
 export PYTHONHASHSEED := 0
 
-.PHONY: venv test reproduce reproduce-toy2d reproduce-table4 reproduce-table4-quick toy2d-weights shapes-prior bench clean
+.PHONY: venv test test-slurm reproduce reproduce-toy2d reproduce-table4 reproduce-table4-quick toy2d-weights shapes-prior bench \
+	sweep-bandwidth sweep-guidance dashboards clean
 PRIOR ?= sd21
 
 venv: .venv/.installed
@@ -19,6 +20,10 @@ venv: .venv/.installed
 
 test: venv
 	WANDB_MODE=disabled $(PY) -m pytest -q tests
+
+# A real one-node SLURM on localhost runs a 4-run toy sweep as a job array (root; installs slurm-wlm if missing)
+test-slurm: venv
+	WANDB_MODE=disabled slurm/test_sweep.sh
 
 reproduce: reproduce-toy2d reproduce-table4-quick
 
@@ -43,6 +48,24 @@ bench: venv
 
 toy2d-weights: venv
 	$(PY) -m experiments.train_toy2d
+
+# Sweeps (conf/sweep/<TASK>_bandwidth|guidance.yaml, slurm/README.md): runs into outputs/sweeps/$(NAME)/, then
+# the table results/sweeps/$(NAME).csv (+ heat maps):
+#   make sweep-bandwidth [TASK=toy2d|text2d] [NAME=...] [ARGS="hydra/launcher=slurm hydra.launcher.partition=gpu"]
+# DRY_RUN=1 prints the sbatch script and each run's directory instead of running anything.
+TASK ?= toy2d
+SWEEP_TASKS := toy2d text2d
+sweep_preset = $(TASK)_$(@:sweep-%=%)
+sweep_name = $(or $(NAME),$(sweep_preset))
+sweep-bandwidth sweep-guidance: venv
+	$(if $(filter $(TASK),$(SWEEP_TASKS)),,$(error TASK must be one of: $(SWEEP_TASKS); got '$(TASK)'))
+	$(PY) -m $(if $(DRY_RUN),eval.slurm_dry_run,experiments.run) sweep=$(sweep_preset) \
+		hydra.sweep.dir=outputs/sweeps/$(sweep_name) $(ARGS)
+	$(if $(DRY_RUN),,$(PY) -m eval.sweeps outputs/sweeps/$(sweep_name) --name $(sweep_name))
+
+# W&B reports of the paper figures: published when WANDB_MODE=online with an API key, else results/dashboards/spec.json
+dashboards: venv
+	$(PY) -m eval.dashboards $(if $(ENTITY),--entity $(ENTITY))
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -29,7 +29,7 @@ from experiments.checkpoint import CONFIG_FILE, FINAL_FILE, RUN_INDEPENDENT_KEYS
 REPO_ROOT = Path(__file__).resolve().parent.parent
 AXIS_PREFERENCE = ("guidance.lambda0", "guidance_scale", "guidance.lambda_min", "guidance.schedule",
                    "guidance.sampler", "seed")
-DEFAULT_METRICS = {"toy2d": ("mode_distance", "in_hdr", "precision", "nll"),
+DEFAULT_METRICS = {"toy2d": ("mode_distance", "recall", "precision", "mmd", "nll"),
                    "text2d": ("fid", "prompt_accuracy", "mode_distance")}
 LOWER_IS_BETTER = ("nll", "nll_median", "mmd", "mode_distance", "fid", "fid_true")
 IGNORED_OVERRIDES = ("sweep", *RUN_INDEPENDENT_KEYS)

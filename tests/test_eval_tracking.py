@@ -1,10 +1,13 @@
-"""W&B runs of the toy studies: offline runs inside the study directory, disabled -> nothing written."""
+"""W&B runs of the toy studies: offline runs inside the study directory with the study's group, job type and tags;
+disabled -> nothing written."""
 import pandas as pd
 import pytest
+import wandb
 from matplotlib.figure import Figure
 
 from eval.tracking import records, study_logger
 from experiments.loggers import NullLogger
+from tests.test_loggers import read_offline_run
 
 
 def _frame():
@@ -21,7 +24,7 @@ def test_study_logger_offline_writes_table_and_figure(tmp_path, monkeypatch):
     for variable in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
         monkeypatch.delenv(variable, raising=False)
     monkeypatch.setenv("WANDB_MODE", "offline")
-    logger = study_logger(tmp_path / "study", "unit-study", {"study": "unit"})
+    logger = study_logger(tmp_path / "study", "unit-study", {"study": "landscapes", "denoiser": "exact"})
     logger.log_table("metrics", records(_frame()))
     figure = Figure()
     figure.subplots().plot([0, 1], [1, 0])
@@ -30,12 +33,18 @@ def test_study_logger_offline_writes_table_and_figure(tmp_path, monkeypatch):
     (run,) = (tmp_path / "study" / "wandb").glob("offline-run-*")
     assert list(run.glob("files/media/table/metrics_*.table.json"))
     assert list(run.glob("files/media/images/curve_*.png"))
+    wandb.teardown()  # the W&B service closes the run files
+    logged = read_offline_run(run)
+    assert (logged.group, logged.job_type) == ("toy2d", "landscapes")
+    assert logged.tags == ("study", "task:toy2d", "denoiser:exact") and logged.keys == {"metrics", "curve"}
 
 
 def test_study_logger_disabled_and_bad_mode(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    assert isinstance(study_logger(tmp_path / "off", "x", {}), NullLogger)
+    assert isinstance(study_logger(tmp_path / "off", "x", {"study": "table4", "prior": "shapes"}), NullLogger)
     assert not (tmp_path / "off").exists()
+    with pytest.raises(ValueError, match=r"config\['study'\] must be one of \('toy2d_grid', 'gradient_quality'"):
+        study_logger(tmp_path, "x", {"study": "unit"})
     monkeypatch.setenv("WANDB_MODE", "sometimes")
     with pytest.raises(ValueError, match="WANDB_MODE must be one of"):
-        study_logger(tmp_path, "x", {})
+        study_logger(tmp_path, "x", {"study": "table4"})
