@@ -3,8 +3,8 @@
 # the project's launcher (sweep=toy2d_bandwidth hydra/launcher=slurm) as one SLURM job array, then checks:
 #   - the submitted sbatch script is the one `python -m eval.slurm_dry_run` prints for the same arguments;
 #   - the setup lines ran, and every array task's run directory holds final.json (no other run directory);
-#   - a task signalled as SLURM signals a job before its time limit (USR2) is checkpointed and requeued by
-#     submitit, and its rerun finishes in the same run directory;
+#   - a task signalled as SLURM signals a job before its time limit (USR2) once its run has saved a
+#     checkpoint.pt is requeued by submitit, and its rerun resumes from that checkpoint in the same run directory;
 #   - the aggregated table has one row per run (python -m eval.sweeps --expect, into the temporary directory).
 # The cluster is stopped on success and on failure; everything lives in one temporary directory, removed on
 # success and kept (with the sweep's logs) on failure.
@@ -42,7 +42,8 @@ ARGS=(sweep=toy2d_bandwidth hydra/launcher=slurm hydra.launcher.partition=local 
       hydra.launcher.timeout_min=10 hydra.launcher.array_parallelism=2
       'hydra.launcher.setup=["echo msd-test-slurm-setup-ran"]' "hydra.sweep.dir=$sweep_dir"
       guidance.lambda0=0.1,0.31622776601683794 guidance.lambda_min=0.01,0.03
-      task.grid_size=8 task.steps=20 task.eval.n_reference=20000 logger=none task.progress_bar=false)
+      task.grid_size=32 task.steps=150 task.checkpoint_every=5 task.eval.n_reference=20000 logger=none
+      task.progress_bar=false)
 
 # 1. what will be submitted (no cluster needed): the script and array task -> run directory
 $PY -m eval.slurm_dry_run "${ARGS[@]}" > "$work/dry_run.txt"
@@ -57,17 +58,17 @@ start=$SECONDS
 timeout 900 "$PY" -m experiments.run "${ARGS[@]}" > "$work/sweep.log" 2>&1 &
 sweep_pid=$!
 
-# 3. preemption/timeout path: USR2 to one running task once its run has started (submitit's signal handler is
-# installed before the run writes config.yaml), as SLURM signals a job signal_delay_s before its time limit;
+# 3. preemption/timeout path: USR2 to one running task once its run has saved a checkpoint (submitit's signal
+# handler is installed before the run starts), as SLURM signals a job signal_delay_s before its time limit;
 # then wait for submitit's requeue and lift SLURM's ~2 min BeginTime hold on requeued jobs.
 target=
 deadline=$((SECONDS + 300))
 until [[ -n $target ]]; do
-    ((SECONDS < deadline)) || fail "no array task reached its run within 300 s"
+    ((SECONDS < deadline)) || fail "no array task saved a checkpoint within 300 s"
     kill -0 "$sweep_pid" 2>/dev/null || fail "the sweep exited before any task could be signalled"
     for id in $(squeue -h -t RUNNING -o %i); do
         run_dir=${run_dirs[${id#*_}]}
-        if [[ -f $run_dir/config.yaml && ! -f $run_dir/final.json ]]; then target=$id; break; fi
+        if [[ -f $run_dir/checkpoint.pt && ! -f $run_dir/final.json ]]; then target=$id; break; fi
     done
     sleep 0.2
 done
@@ -93,6 +94,8 @@ submission=${submissions[0]}
 diff <(grep -E '^(#SBATCH|srun) ' "$work/dry_run.txt") <(grep -E '^(#SBATCH|srun) ' "$submission") \
     || fail "the submitted script ($submission) differs from the dry run"
 grep -q 'Requeued job' "$sweep_dir/.submitit/$target/${target}_0_log.out" || fail "$target was not requeued by submitit"
+grep -q 'resuming msd/exact/w=1 from step' "$sweep_dir/.submitit/$target/${target}_0_log.out" \
+    || fail "the requeued $target did not resume from its checkpoint"
 grep -q msd-test-slurm-setup-ran "$sweep_dir"/.submitit/*/*_log.out || fail "the setup lines did not run"
 missing=()
 for run_dir in "${run_dirs[@]}"; do
@@ -108,4 +111,4 @@ $PY -m eval.sweeps "$sweep_dir" --name test_slurm --out-dir "$work/tables" --exp
 $PY -c 'import sys, pandas as pd; n = len(pd.read_csv(sys.argv[1])); sys.exit(None if n == int(sys.argv[2]) else f"{n} rows")' \
     "$work/tables/test_slurm.csv" "$JOBS" || fail "$work/tables/test_slurm.csv does not have $JOBS rows"
 echo "test-slurm: OK: $JOBS runs in their run directories and $JOBS table rows; dry run == submitted script;" \
-     "the requeued run reused its run directory"
+     "the requeued run resumed from its checkpoint in its own run directory"
