@@ -25,10 +25,13 @@ from __future__ import annotations
 import functools
 import math
 
+import numba
 import numpy as np
 import torch
 from scipy.spatial import cKDTree
 from torch import Tensor
+
+from toy2d.kernels import _FASTMATH, _exp_nonpositive
 
 PR_K = 3
 MMD_BANDWIDTHS = (0.02, 0.05, 0.1, 0.2)
@@ -38,7 +41,6 @@ MODE_REFERENCE_SEED = 1
 MODE_METRICS_VERSION = (f"v1:k={PR_K}:n_ref={MODE_N_REFERENCE}:seed={MODE_REFERENCE_SEED}:"
                         f"mmd2_biased_bw={','.join(f'{h:g}' for h in MMD_BANDWIDTHS)}:mode_lambda={MODE_BANDWIDTH:g}")
 """Identifies the definitions and settings above; cached mode metrics with another version are recomputed."""
-_PAIR_CHUNK = 1 << 21  # query rows × reference points per block of the pairwise computations (16 MiB float64)
 
 
 class ToyEvaluator:
@@ -104,21 +106,34 @@ def knn_radii(points, k: int = PR_K) -> np.ndarray:
 
 
 def _inside_union(queries: np.ndarray, centers: np.ndarray, radii: np.ndarray) -> np.ndarray:
-    """[Q] bool: query q lies in some closed ball B(c, r_c), i.e. ‖q − c‖ ≤ r_c (exact; chunked brute force in
-    torch float64 with :func:`_distance`'s formula, so the result is bitwise the same)."""
-    out = np.empty(len(queries), dtype=bool)
-    q_all, r = torch.from_numpy(queries), torch.from_numpy(radii)
-    rows = max(1, _PAIR_CHUNK // max(len(centers), 1))
-    for i in range(0, len(queries), rows):
-        out[i:i + rows] = (_pair_sq_distances(q_all[i:i + rows], centers).sqrt() <= r[None, :]).any(1).numpy()
+    """[Q] bool: query q lies in some closed ball B(c, r_c), i.e. ‖q − c‖ ≤ r_c, exactly (:func:`_in_balls`)."""
+    order = np.argsort(centers[:, 0], kind="stable")
+    return _in_balls(np.ascontiguousarray(queries), np.ascontiguousarray(centers[order]),
+                     np.ascontiguousarray(radii[order]))
+
+
+@numba.njit(cache=True)
+def _in_balls(queries: np.ndarray, centers: np.ndarray, radii: np.ndarray) -> np.ndarray:
+    """Membership of each query in the union of the balls ``‖q − c‖ ≤ r_c``, centres sorted by x.
+
+    Only centres with ``|c_x − q_x| ≤ max r`` (widened by 1e-9 relative, against rounding) can contain q;
+    those are found by bisection and tested with :func:`_distance`'s arithmetic, ``√((q_x − c_x)² +
+    (q_y − c_y)²)`` (no fast-math, so the same bits), stopping at the first hit.
+    """
+    out = np.zeros(len(queries), dtype=np.bool_)
+    reach = radii.max() * (1.0 + 1e-9) if len(radii) else 0.0
+    xs = centers[:, 0]
+    for i in range(len(queries)):
+        qx, qy = queries[i, 0], queries[i, 1]
+        j = np.searchsorted(xs, qx - reach)
+        end = np.searchsorted(xs, qx + reach, side="right")
+        while j < end:
+            dx, dy = qx - centers[j, 0], qy - centers[j, 1]
+            if math.sqrt(dx * dx + dy * dy) <= radii[j]:
+                out[i] = True
+                break
+            j += 1
     return out
-
-
-def _pair_sq_distances(a: Tensor, b: np.ndarray) -> Tensor:
-    """[A, B] squared distances (a_x − b_x)² + (a_y − b_y)², float64 (per coordinate: the fast torch layout;
-    the same operations, hence the same bits, as :func:`_distance` before its square root)."""
-    b = torch.from_numpy(b)
-    return (a[:, :1] - b[None, :, 0]) ** 2 + (a[:, 1:] - b[None, :, 1]) ** 2
 
 
 def improved_precision_recall(generated, reference, k: int = PR_K) -> tuple[float, float]:
@@ -138,15 +153,33 @@ def improved_precision_recall(generated, reference, k: int = PR_K) -> tuple[floa
 # ----- MMD ---------------------------------------------------------------------------------------------------
 
 def _kernel_sum(a: np.ndarray, b: np.ndarray, bandwidths: tuple[float, ...]) -> float:
-    """Σ_{i,j} k(a_i, b_j) with k = mean_h exp(−‖a − b‖²/(2h²)), chunked, float64."""
-    scales = [-0.5 / float(h) ** 2 for h in bandwidths]
-    total = 0.0
-    a = torch.from_numpy(a)
-    rows = max(1, _PAIR_CHUNK // max(len(b), 1))
-    for i in range(0, len(a), rows):
-        d2 = _pair_sq_distances(a[i:i + rows], b)
-        total += sum(float(torch.exp(s * d2).sum()) for s in scales) / len(scales)
-    return total
+    """Σ_{i,j} k(a_i, b_j) with k = mean_h exp(−‖a − b‖²/(2h²)), float64 (:func:`_pair_kernel_sums`)."""
+    scales = np.array([-0.5 / float(h) ** 2 for h in bandwidths])
+    if a is b:  # k is symmetric and k(a, a) = 1: the diagonal plus twice the pairs i < j
+        return len(a) + 2.0 * _pair_kernel_sums(a, a, scales, True).sum() / len(scales)
+    return _pair_kernel_sums(a, b, scales, False).sum() / len(scales)
+
+
+@numba.njit(fastmath=_FASTMATH, cache=True)
+def _pair_kernel_sums(a: np.ndarray, b: np.ndarray, scales: np.ndarray, upper: bool) -> np.ndarray:
+    """Per bandwidth, Σ_{i,j} exp(s ‖a_i − b_j‖²) over all pairs (``upper``: only j > i), [len(scales)].
+
+    The exponential is ``toy2d.kernels._exp_nonpositive`` (≤ 1.9e-9 relative error on [−64, 0]); terms with
+    s‖a − b‖² < −64 (each < 2e-28) are left out.
+    """
+    out = np.zeros(len(scales))
+    row = np.empty(len(b))
+    for i in range(len(a)):
+        start = i + 1 if upper else 0
+        for j in range(start, len(b)):
+            row[j] = (a[i, 0] - b[j, 0]) ** 2 + (a[i, 1] - b[j, 1]) ** 2
+        for h in range(len(scales)):
+            s, total = scales[h], 0.0
+            for j in range(start, len(b)):
+                z = s * row[j]
+                total += _exp_nonpositive(max(z, -64.0)) if z >= -64.0 else 0.0
+            out[h] += total
+    return out
 
 
 def mmd_rbf(x, y, bandwidths: tuple[float, ...] = MMD_BANDWIDTHS, yy: float | None = None) -> float:
@@ -171,36 +204,58 @@ def _smoothed_terms(mixture, x: Tensor, bandwidth: float, derivatives: bool = Tr
     """log p_λ(x) [N], ∇log p_λ(x) [N, 2] and its Hessian [N, 2, 2] for ``p_λ = p ∗ N(0, λ² I)`` (float64).
 
     With ``A_k = (Σ_k + λ² I)⁻¹``, ``u_k = A_k (μ_k − x)`` and responsibilities r_k:
-    ``∇log p_λ = Σ r_k u_k``, ``∇²log p_λ = Σ r_k (u_k u_kᵀ − A_k) − ∇∇ᵀ``.
+    ``∇log p_λ = Σ r_k u_k``, ``∇²log p_λ = Σ r_k (u_k u_kᵀ − A_k) − ∇∇ᵀ`` (:func:`_smoothed_rows`).
     ``derivatives=False``: log p_λ only.
     """
     mu = mixture.means.double()
     cov = mixture.covs.double() + bandwidth**2 * torch.eye(2, dtype=torch.float64)
     a, b, c = cov[:, 0, 0], cov[:, 0, 1], cov[:, 1, 1]
     det = a * c - b * b
-    p00, p01, p11 = c / det, -b / det, a / det
-    log_w = torch.log(mixture.weights.double())
-    log_p, grad, hess = [], [], []
-    rows = max(1, (1 << 18) // len(mu))
-    for s in range(0, len(x), rows):
-        xi = x[s:s + rows]
-        d0, d1 = mu[:, 0] - xi[:, :1], mu[:, 1] - xi[:, 1:]
-        u0, u1 = p00 * d0 + p01 * d1, p01 * d0 + p11 * d1
-        terms = log_w - 0.5 * (d0 * u0 + d1 * u1 + det.log()) - math.log(2 * math.pi)
-        lp = torch.logsumexp(terms, dim=1)
-        log_p.append(lp)
-        if not derivatives:
-            continue
-        r = torch.exp(terms - lp[:, None])
-        g = torch.stack(((r * u0).sum(1), (r * u1).sum(1)), dim=-1)
-        h00 = (r * (u0 * u0 - p00)).sum(1) - g[:, 0] ** 2
-        h01 = (r * (u0 * u1 - p01)).sum(1) - g[:, 0] * g[:, 1]
-        h11 = (r * (u1 * u1 - p11)).sum(1) - g[:, 1] ** 2
-        grad.append(g)
-        hess.append(torch.stack((torch.stack((h00, h01), -1), torch.stack((h01, h11), -1)), -2))
+    prec = torch.stack((c / det, -b / det, a / det))
+    const = torch.log(mixture.weights.double()) - 0.5 * det.log() - math.log(2 * math.pi)
+    out = np.empty((len(x), 6))
+    _smoothed_rows(x.detach().double().contiguous().numpy(), mu[:, 0].contiguous().numpy(),
+                   mu[:, 1].contiguous().numpy(), *(t.contiguous().numpy() for t in prec), const.numpy(), out)
+    out = torch.from_numpy(out)
     if not derivatives:
-        return (torch.cat(log_p),)
-    return torch.cat(log_p), torch.cat(grad), torch.cat(hess)
+        return (out[:, 0],)
+    hess = torch.stack((out[:, 3:5], out[:, 4:6]), dim=1)  # [[h00, h01], [h01, h11]]
+    return out[:, 0], out[:, 1:3], hess
+
+
+@numba.njit(fastmath=_FASTMATH, cache=True)
+def _smoothed_rows(x, mx, my, p00, p01, p11, const, out):
+    """Per row of x [N, 2]: (log p_λ, ∇ (2), Hessian entries h00, h01, h11) into out [N, 6].
+
+    Terms ``l_k = const_k − ½ (μ_k − x)ᵀ A_k (μ_k − x)``; ``log p_λ = m + log Σ e^{l_k − m}``, ``m = max l``
+    (terms below m − 64, each < 2e-28 relative, left out; exponentials by ``_exp_nonpositive``).
+    """
+    k_all = len(mx)
+    logit, u0, u1 = np.empty(k_all), np.empty(k_all), np.empty(k_all)
+    for i in range(len(x)):
+        m = -np.inf
+        for k in range(k_all):
+            d0, d1 = mx[k] - x[i, 0], my[k] - x[i, 1]
+            u0[k] = p00[k] * d0 + p01[k] * d1
+            u1[k] = p01[k] * d0 + p11[k] * d1
+            logit[k] = const[k] - 0.5 * (d0 * u0[k] + d1 * u1[k])
+            m = max(m, logit[k])
+        s, g0, g1, s00, s01, s11 = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
+        for k in range(k_all):
+            d = logit[k] - m
+            r = _exp_nonpositive(max(d, -64.0)) if d >= -64.0 else 0.0
+            s += r
+            g0 += r * u0[k]
+            g1 += r * u1[k]
+            s00 += r * (u0[k] * u0[k] - p00[k])
+            s01 += r * (u0[k] * u1[k] - p01[k])
+            s11 += r * (u1[k] * u1[k] - p11[k])
+        g0, g1 = g0 / s, g1 / s
+        out[i, 0] = m + math.log(s)
+        out[i, 1], out[i, 2] = g0, g1
+        out[i, 3] = s00 / s - g0 * g0
+        out[i, 4] = s01 / s - g0 * g1
+        out[i, 5] = s11 / s - g1 * g1
 
 
 def find_modes(mixture, bandwidth: float = MODE_BANDWIDTH, tol: float = 1e-9, merge_tol: float = 1e-4,

@@ -158,3 +158,53 @@ def test_mode_metrics_columns(fractal_modes, two_samples):
     assert 0.0 < found["mode_distance"] < 0.05  # exact samples spread along the branches between modes
     at_modes = metrics(fractal_modes[torch.arange(500) % len(fractal_modes)])
     assert at_modes["mode_distance"] == 0.0 and at_modes["recall"] < found["recall"]
+
+
+def test_compiled_kernel_sums_match_brute_force():
+    """The compiled MMD kernel sums equal the all-pairs float64 sums (self-pairs via symmetry, cross pairs)."""
+    from eval.toy_metrics import _kernel_sum
+
+    gen = np.random.default_rng(5)
+    a, b = gen.normal(size=(300, 2)) * 0.2, gen.normal(size=(200, 2)) * 0.2 + 0.05
+    bandwidths = (0.02, 0.05, 0.1, 0.2)
+
+    def brute(p, q):
+        d2 = ((p[:, None, :] - q[None, :, :]) ** 2).sum(-1)
+        return float(np.mean([np.exp(-d2 / (2 * h * h)).sum() for h in bandwidths]))
+
+    assert _kernel_sum(a, a, bandwidths) == pytest.approx(brute(a, a), rel=1e-9)
+    assert _kernel_sum(a, b, bandwidths) == pytest.approx(brute(a, b), rel=1e-9)
+
+
+def test_ball_membership_matches_brute_force_including_boundaries():
+    """Exact membership in a union of closed balls, also for queries exactly on a sphere and huge radii."""
+    from eval.toy_metrics import _distance, _inside_union
+
+    gen = np.random.default_rng(6)
+    centers = gen.uniform(-1, 1, size=(400, 2))
+    radii = gen.uniform(0.0, 0.05, size=400)
+    radii[:3] = (0.0, 3.0, 1e-12)
+    queries = np.concatenate((gen.uniform(-1.5, 1.5, size=(600, 2)), centers[:50],
+                              centers[3:10] + np.array([radii[3:10], np.zeros(7)]).T))  # on the spheres
+    brute = (_distance(queries[:, None, :], centers[None]) <= radii[None]).any(1)
+    np.testing.assert_array_equal(_inside_union(queries, centers, radii), brute)
+    np.testing.assert_array_equal(_inside_union(queries, centers[3:4], np.zeros(1)), (queries == centers[3]).all(1))
+
+
+def test_smoothed_terms_match_the_dense_closed_form():
+    """log p_λ, its gradient (= the mixture's score at σ = λ) and the Hessian (finite differences of it)."""
+    from eval.toy_metrics import _smoothed_terms
+    from toy2d import fractal_gmm
+
+    mix, lam = fractal_gmm("A"), 0.03
+    x = mix.sample(200, 0.05, generator=torch.Generator().manual_seed(8)).double()
+    log_p, grad, hess = _smoothed_terms(mix, x, lam)
+    torch.testing.assert_close(log_p, mix.log_prob(x, lam).double(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grad, mix.score(x, lam).double(), rtol=1e-8, atol=1e-8)
+    step = 1e-6
+    for axis in range(2):
+        shift = torch.zeros(2, dtype=torch.float64)
+        shift[axis] = step
+        fd = (_smoothed_terms(mix, x + shift, lam)[1] - _smoothed_terms(mix, x - shift, lam)[1]) / (2 * step)
+        torch.testing.assert_close(hess[:, :, axis], fd, rtol=1e-4, atol=1e-3 * float(hess.abs().max()))
+    assert torch.equal(hess, hess.transpose(1, 2))

@@ -12,7 +12,7 @@ os.environ["WANDB_MODE"] = "disabled"
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-from eval.sweeps import sweep_table, write_sweep  # noqa: E402
+from eval.sweeps import DEFAULT_METRICS, sweep_table, write_sweep  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["task.grid_size=8", "task.steps=6", "task.solver_steps=4", "task.eval.n_reference=2000",
@@ -44,7 +44,7 @@ def test_table_has_one_row_per_run_with_swept_keys_and_final_metrics(sweep_dir, 
     assert "task.grid_size" in table.attrs["config_columns"]  # set on the command line of every run
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "toy.csv"), table.reset_index(drop=True),
                                   check_dtype=False, check_exact=False)
-    for metric in ("mode_distance", "in_hdr", "precision", "nll"):
+    for metric in DEFAULT_METRICS["toy2d"]:
         assert (tmp_path / f"toy_{metric}.png").stat().st_size > 0
 
 

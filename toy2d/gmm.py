@@ -12,28 +12,32 @@ responsibilities taken from a log-sum-exp. Points arbitrarily far from the data 
 more) therefore get finite log-densities and scores; the score there points back toward the data.
 Outputs are returned in the dtype of the query points.
 
-Fast exact evaluation (mixtures of ``_FAST_MIN_K`` components or more): a component whose log-term is more
-than ``_TRUNCATION`` = 40 nats below the largest one at x carries responsibility < e⁻⁴⁰ and is dropped.
-The canvas around the means is cut into ``_GRID``² cells and σ into geometric buckets; per (bucket, cell)
-the components that can come within 40 nats of the best one anywhere in the cell are listed: an upper
-bound of each log-term over the cell from the exact minimum of the Mahalanobis quadratic over the cell
-(0 inside, else a clamped 1-D minimum on each edge) at the bucket's largest v = σ², with log det at its
-smallest v, against a lower bound from the exact maximum (at a corner) at the smallest v, with log det at
-the largest v; the Mahalanobis term decreases and log det increases with v, so the lists are
-conservative. Query points are sorted by list length and evaluated on gathered [rows, M] blocks (M ≪ K
-at small σ) with the same float64 closed forms. The dropped mass is ≤ K e⁻⁴⁰ of the total (log-density
-error ≤ 1e-14 for K ≈ 2000; score error ≤ K e⁻⁴⁰ max_k ‖(Σ_k+vI)⁻¹(μ_k − x)‖). Points off the grid, and
-cells whose lists keep more than half the components (most cells at σ ≳ 0.1), use the dense closed form.
-The lists of a bucket are built on first use and cached (≈ 0.5 s for K = 1016, ≈ 1 s for K = 2032).
+Fast exact evaluation (no autograd; mixtures of ``_FAST_MIN_K`` components or more): the sums run in the
+compiled kernel :func:`toy2d.kernels.mixture_rows` (float64, the closed forms above, responsibilities
+relative to the largest log-term m). A component whose log-term is more than ``_TRUNCATION`` = 30 nats
+below m carries responsibility < e⁻³⁰ and is dropped, so the dropped mass is ≤ K e⁻³⁰ of the total
+(log-density error ≤ 2e-10 for K ≈ 2000; score error ≤ K e⁻³⁰ max_k ‖(Σ_k+vI)⁻¹(μ_k − x)‖ over the
+dropped k, whose log-terms are ≥ 30 nats down, i.e. whose Mahalanobis distances are large). The box around
+the means is cut into ``_GRID``² cells and σ into geometric buckets up to σ ≈ 0.13; per (bucket, cell)
+the components that can come within 30 nats of the best one anywhere in the cell are listed
+(:func:`toy2d.kernels.candidate_lists`): an upper bound of each log-term over the cell from the exact
+minimum of the Mahalanobis quadratic over the cell (0 inside, else a clamped 1-D minimum on each edge) at
+the bucket's largest v = σ², with log det at its smallest v, against a lower bound from the exact maximum
+(at a corner) at the smallest v, with log det at the largest v; the Mahalanobis term decreases and log det
+increases with v, so the lists are conservative. A point sums over its cell's list (≈ 30 components of
+1016 at σ ≤ 3e-3, ≈ 400 at σ ≈ 0.09); points off the grid, cells whose lists keep more than half the
+components, and levels above the buckets sum over every component. The lists of a bucket are built once
+``_TABLE_ROWS`` rows have been requested in it and cached (≈ 0.07 s for K = 1016, ≈ 0.14 s for K = 2032).
 
-Smooth levels (σ ∈ [0.3, 50]) requested with ≥ 1024 rows and no autograd (at once for σ ≥ 1, else
-from the third request on, e.g. an ODE solve's σ grid met again at every optimisation step) get a cached
-interpolant of (log p_σ, ∇log p_σ): adaptive piecewise Chebyshev tiles (``toy2d.tiles``: top tiles of side
-8σ, 16 × 16 points, up to five levels of 2 × 2 refinement wherever the tail coefficients exceed 1e-6 of the
-tile's scale) over the means' box padded by 0.5 + 4σ, tabulated with the exact evaluation above. Points
-off the box or on rejected tiles are evaluated exactly. Not exact, but ≤ 1e-7 relative error on log p and
-the score against the float64 dense reference at every tested σ (tests, ``make bench``); a table costs
-~10³ exact evaluations at σ ≥ 1 and ~10⁴ at σ = 0.3, once per level.
+Smooth levels (σ ∈ [0.1, 50]) requested again and again with ≥ 256 rows at a time (e.g. an ODE solve's σ
+grid met at every optimisation step) get a cached interpolant of (log p_σ, ∇log p_σ) once the rows already
+evaluated at that level reach the estimated table size (``_TILE_NODES``): adaptive piecewise Chebyshev
+tiles (``toy2d.tiles``: top tiles of side 8σ, 16 × 16 points, up to five levels of 2 × 2 refinement
+wherever the tail coefficients exceed 1e-6 of the tile's scale) over the means' box padded by 0.5 + 4σ,
+tabulated with the exact evaluation above. Points off the box or on rejected tiles are evaluated exactly.
+Not exact, but ≤ 1e-7 relative error on log p and the score against the float64 dense reference at every
+tested σ (tests, ``make bench``); a table costs ~10³ exact evaluations at σ ≥ 1, ~2·10⁴ at σ = 0.3 and
+~3·10⁵ at σ = 0.1, once per level.
 
 Multiplying the mixture by a Gaussian kernel ``N(y; c, λ² I)`` gives another mixture (the product
 distribution of mean-shift, ``ṗ(y | c) ∝ p(y) N(y; c, λ² I)``):
@@ -48,9 +52,11 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from toy2d import kernels
 from toy2d.tiles import TileInterpolant
 
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -61,24 +67,34 @@ CPU cache (measured ~4× faster than one 2^21-element block for K = 1016)."""
 
 _FAST_MIN_K = 64
 """Mixtures with fewer components always use the dense closed form (nothing to gain from pruning)."""
-_TRUNCATION = 40.0
-"""Components more than this many nats below the best one at a point are dropped (responsibility < e⁻⁴⁰)."""
+_TRUNCATION = 30.0
+"""Components more than this many nats below the best one at a point are dropped (responsibility < e⁻³⁰)."""
 _GRID = 64
 """Cells per axis of the candidate-list grid."""
-_SIGMA_FLOOR, _SIGMA_RATIO, _N_BUCKETS = 1e-3, 1.5, 24
-"""σ buckets: [0, 1e-3) then [1e-3·1.5^(i−1), 1e-3·1.5^i) for i = 1 … 23 (up to ≈ 11); beyond: dense."""
-_FAST_ELEMENTS = 1 << 15
-"""Rows × candidates evaluated at once on the fast path."""
-_TILE_SIGMA_MIN, _TILE_SIGMA_MAX = 0.3, 50.0
-"""Noise levels that may get cached interpolants. Below 0.3 a table needs 10⁴–10⁵ nodes (0.1: ~3·10⁵), which
-a few hundred calls on 4096 points do not pay back; below ~0.05 the candidate lists are fast anyway."""
+_TABLE_ROWS = 32768
+"""A bucket's lists are built once this many rows have been requested in it: a build bounds every (cell,
+component) pair, about the cost of that many all-component rows (measured), so rare buckets (e.g. per-row
+random σ) stay on the all-component sum until the lists pay off."""
+_SIGMA_FLOOR, _SIGMA_RATIO, _N_BUCKETS = 1e-3, 1.5, 13
+"""σ buckets: [0, 1e-3) then [1e-3·1.5^(i−1), 1e-3·1.5^i) for i = 1 … 12 (up to ≈ 0.13); beyond, every
+component is evaluated (at σ ≈ 0.13 half the canvas cells already keep more than half the components)."""
+_TILE_SIGMA_MIN, _TILE_SIGMA_MAX = 0.1, 50.0
+"""Noise levels that may get cached interpolants (below 0.1 a table needs more than ~3·10⁵ nodes, and the
+candidate lists are short)."""
 _TILE_WIDTH, _TILE_MAX, _TILE_ORDER, _TILE_TOL, _TILE_DEPTH = 8.0, 64, 16, 1e-6, 5
 """Top-level tile side 8σ (at most 64 tiles per axis), 16 × 16 Chebyshev points per tile, tail tolerance
 1e-6 of the tile's largest |log p| (≥ 1) or ‖score‖, and up to five levels of 2 × 2 refinement."""
-_TILE_MIN_ROWS, _TILE_CACHE, _TILE_FIRST_REQUEST, _TILE_REPEATS = 1024, 64, 1.0, 3
-"""A level is tabulated when requested with ≥ 1024 rows: at once for σ ≥ 1 (about a thousand nodes), else on
-its third request (a Heun solve asks for each level twice; a table costs more than one exact call); at most
-64 levels are kept."""
+_TILE_MIN_ROWS, _TILE_CACHE, _TILE_NODES = 256, 64, 2.4e4
+"""Only levels requested with ≥ 256 rows at once are counted. A level is tabulated once the rows evaluated
+exactly at it reach the estimated table size, ``max(1024, 2.4·10⁴ (0.3/σ)^2.5)`` nodes (fit to the fractal:
+0.1 → 2.7·10⁵, 0.3 → 2.4·10⁴, σ ≥ 1 → 1024); a node costs about one exact row, so a level never costs
+more than twice what the better of "always exact" and "tabulate at once" would have. At most 64 levels
+are kept (least recently used dropped)."""
+
+
+def _table_nodes(sigma: float) -> float:
+    """Estimated nodes of the tile interpolant at level σ (``_TILE_NODES``): ``max(1024, 2.4·10⁴ (0.3/σ)^2.5)``."""
+    return max(1024.0, _TILE_NODES * (0.3 / sigma) ** 2.5)
 
 
 def _levels(value: float | Tensor, n: int, device: torch.device, name: str) -> Tensor:
@@ -131,11 +147,15 @@ class GaussianMixture:
         self._det = self._a * self._c - self._b**2
         if bool((self._a <= 0).any()) or bool((self._det <= 0).any()):
             raise ValueError("covariances must be positive definite")
-        self._tables: dict[int, tuple[Tensor, Tensor] | None] = {}  # σ bucket -> ([cells, M] lists, [cells] lengths)
+        self._tables: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # σ bucket -> candidate lists
+        self._bucket_rows: dict[int, int] = {}  # σ bucket -> rows requested in it so far
         self._grid: tuple[Tensor, Tensor, Tensor] | None = None  # (lower corner, cell size, cells per axis)
         self.cache_levels = bool(cache_levels)
         self._interpolants: OrderedDict[float, TileInterpolant] = OrderedDict()  # σ -> interpolant (LRU)
-        self._requests: dict[float, int] = {}  # σ -> requests seen (insertion-ordered, bounded)
+        self._requests: dict[float, int] = {}  # σ -> rows requested, not yet tabulated (insertion-ordered, bounded)
+        self._kernel_cache: tuple[np.ndarray, ...] | None = None  # component arrays of the kernels
+        # empty candidate lists (CSR offsets, indices, dense mask) for rows that sum over every component
+        self._no_table = (np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int32), np.ones(0, dtype=np.bool_))
 
     @property
     def weights(self) -> Tensor:
@@ -210,153 +230,66 @@ class GaussianMixture:
         idx = torch.where(s < _SIGMA_FLOOR, torch.zeros_like(idx), idx)
         return torch.nan_to_num(idx, nan=_N_BUCKETS, posinf=_N_BUCKETS).clamp(0, _N_BUCKETS).long()
 
-    def _table(self, bucket: int) -> tuple[Tensor, Tensor] | None:
-        """[cells, M] candidate components per cell for σ bucket ``bucket`` (index K pads) and the [cells]
-        list lengths (K + 1: more than half the components are kept, evaluate densely), or None if no cell
-        has a short list."""
-        if bucket in self._tables:
-            return self._tables[bucket]
+    def _table(self, bucket: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Candidate lists of σ bucket ``bucket`` (:func:`toy2d.kernels.candidate_lists`: CSR offsets, flat
+        component indices, dense-cell mask), built on first use and cached."""
+        if bucket not in self._tables:
+            lo, size = self._grid_setup()
+            s_lo = 0.0 if bucket == 0 else _SIGMA_FLOOR * _SIGMA_RATIO ** (bucket - 1)
+            s_hi = _SIGMA_FLOOR * _SIGMA_RATIO**bucket
+            self._tables[bucket] = kernels.candidate_lists(
+                float(lo[0]), float(lo[1]), float(size[0]), float(size[1]), _GRID, s_lo**2, s_hi**2,
+                *self._kernel_params(), _TRUNCATION, len(self) // 2)
+        return self._tables[bucket]
+
+    def _cells(self, x64: Tensor) -> Tensor:
+        """Candidate-grid cell (row-major) of each row of x64 [N, 2]; −1 off the grid (or NaN)."""
         lo, size = self._grid_setup()
-        k = len(self)
-        s_lo = 0.0 if bucket == 0 else _SIGMA_FLOOR * _SIGMA_RATIO ** (bucket - 1)
-        s_hi = _SIGMA_FLOOR * _SIGMA_RATIO**bucket
-        v_lo, v_hi = s_lo**2, s_hi**2
-        cells = torch.arange(_GRID, dtype=torch.float64)
-        # cell edges relative to each mean, [G, 1, K] along x and [1, G, K] along y (cell (i, j) -> row i·G + j)
-        ex0 = (lo[0] + cells * size[0])[:, None] - self._mu[:, 0]
-        ey0 = (lo[1] + cells * size[1])[:, None] - self._mu[:, 1]
-        ex0, ex1 = ex0[:, None, :], (ex0 + size[0])[:, None, :]
-        ey0, ey1 = ey0[None], (ey0 + size[1])[None]
-        tr, b = self._a + self._c, self._b
-
-        def quad(v: float):
-            """(p00, p01, p11) of (Σ + vI)⁻¹ and log det(Σ + vI), each [K]."""
-            det = self._det + v * tr + v * v
-            return (self._c + v) / det, -b / det, (self._a + v) / det, det.log()
-
-        # smallest Mahalanobis distance over the cell (largest v): 0 inside, else the least of the four edges,
-        # each a 1-D quadratic minimised in closed form and clamped to the edge
-        p00, p01, p11, _ = quad(v_hi)
-        inside = (ex0 <= 0) & (ex1 >= 0) & (ey0 <= 0) & (ey1 >= 0)
-        best = None
-        for ex in (ex0, ex1):  # vertical edges: dx fixed, dy in [ey0, ey1]
-            dy = torch.minimum(torch.maximum(-p01 * ex / p11, ey0), ey1)
-            q = (dy * (2 * p01 * ex + p11 * dy)).add_(p00 * ex * ex)
-            best = q if best is None else torch.minimum(best, q, out=best)
-        for ey in (ey0, ey1):  # horizontal edges: dy fixed, dx in [ex0, ex1]
-            dx = torch.minimum(torch.maximum(-p01 * ey / p00, ex0), ex1)
-            torch.minimum(best, (dx * (2 * p01 * ey + p00 * dx)).add_(p11 * ey * ey), out=best)
-        best = torch.where(inside, torch.zeros_like(best), best)
-        _, _, _, log_det_lo = quad(v_lo)
-        upper = (self._log_w - _LOG_2PI - 0.5 * log_det_lo) - 0.5 * best.reshape(_GRID * _GRID, k)
-        # largest Mahalanobis distance over the cell (smallest v): a convex quadratic peaks at a corner
-        p00, p01, p11, _ = quad(v_lo)
-        worst = None
-        for ex in (ex0, ex1):
-            for ey in (ey0, ey1):
-                q = ((2 * p01 * ex) * ey).add_(p00 * ex * ex).add_(p11 * ey * ey)
-                worst = q if worst is None else torch.maximum(worst, q, out=worst)
-        _, _, _, log_det_hi = quad(v_hi)
-        lower = (self._log_w - _LOG_2PI - 0.5 * log_det_hi) - 0.5 * worst.reshape(_GRID * _GRID, k)
-        keep = upper >= lower.max(1, keepdim=True).values - _TRUNCATION
-        counts = keep.sum(1)
-        listed = counts <= k // 2  # cells whose lists are short enough to pay off; the others go dense
-        if not bool(listed.any()):
-            table = None
-        else:
-            m = int(counts[listed].max())
-            order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :m]
-            lists = torch.where(torch.gather(keep, 1, order), order, torch.full_like(order, k))
-            lengths = torch.where(listed, counts, torch.full_like(counts, k + 1))
-            table = (lists.to(torch.int16 if k < 32767 else torch.int32).contiguous(), lengths)
-        self._tables[bucket] = table
-        return table
-
-    def _padded(self) -> Tensor:
-        """[7, K + 1]: rows log φ, μx, μy, a, b, c, det, with a padding component of log-weight −∞ (index K)."""
-        if not hasattr(self, "_pad_cache"):
-            cols = torch.stack((self._log_w, self._mu[:, 0], self._mu[:, 1], self._a, self._b, self._c, self._det))
-            pad = torch.tensor([-math.inf, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0], dtype=torch.float64)[:, None]
-            self._pad_cache = torch.cat((cols, pad), dim=1).contiguous()
-        return self._pad_cache
-
-    def _gathered_terms(self, x: Tensor, var: Tensor, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """As :meth:`_log_terms` but only for the components ``idx`` [n, M] of each row."""
-        params = self._padded().to(x.device).index_select(1, idx.reshape(-1)).view(7, *idx.shape)
-        log_w, mx, my, a, b, c, det = params.unbind(0)
-        v = var[:, None]
-        det = det + v * (a + c) + v * v
-        a, c = a + v, c + v
-        d0, d1 = mx - x[:, :1], my - x[:, 1:]
-        g0 = (c * d0 - b * d1) / det
-        g1 = (a * d1 - b * d0) / det
-        maha = d0 * g0 + d1 * g1
-        return log_w - 0.5 * (maha + det.log()) - _LOG_2PI, g0, g1
-
-    def _blocks(self, x64: Tensor, sigma: Tensor) -> list[tuple[Tensor, Tensor | None]]:
-        """Split the rows into blocks: (row indices, candidate lists [rows, M] or None for all components)."""
-        n = x64.shape[0]
-        rows = torch.arange(n, device=x64.device)
-        if len(self) < _FAST_MIN_K or n == 0:
-            return [(r, None) for r in rows.split(max(1, _CHUNK_ELEMENTS // len(self)))]
-        lo, size = self._grid_setup()
-        lo, size = lo.to(x64.device), size.to(x64.device)
-        cell = torch.floor((x64.detach() - lo) / size)
+        cell = torch.floor((x64 - lo) / size)
         inside = ((cell >= 0) & (cell < _GRID)).all(1)  # False for NaN too
         cell = torch.where(inside[:, None], cell, torch.zeros_like(cell)).long()
-        cell = cell[:, 0] * _GRID + cell[:, 1]
-        bucket = torch.where(inside, self._bucket_of(sigma), torch.full_like(cell, _N_BUCKETS))
-        blocks, dense_rows = [], [rows[bucket >= _N_BUCKETS]]
-        for b in torch.unique(bucket).tolist():
-            if b >= _N_BUCKETS:
-                continue
-            sel = rows[bucket == b]
-            entry = self._table(b)
-            if entry is None:
-                dense_rows.append(sel)
-                continue
-            table, lengths = (t.to(x64.device) for t in entry)
-            counts = lengths[cell[sel]]
-            dense_rows.append(sel[counts > len(self)])
-            sel, counts = sel[counts <= len(self)], counts[counts <= len(self)]
-            order = torch.argsort(counts)
-            sel, counts = sel[order], counts[order].tolist()
-            counts_t = torch.tensor(counts)
-            start = 0
-            while start < len(sel):  # blocks of similar list length (padding ≤ 25 % + 4), ≤ _FAST_ELEMENTS each
-                limit = int(counts[start] * 1.25) + 4
-                end = int(torch.searchsorted(counts_t, limit, right=True))
-                m = max(counts[end - 1], 1)
-                end = min(end, start + max(1, _FAST_ELEMENTS // m))
-                m = max(counts[end - 1], 1)
-                blocks.append((sel[start:end], table[:, :m].index_select(0, cell[sel[start:end]]).long()))
-                start = end
-        dense = torch.cat(dense_rows)
-        blocks += [(r, None) for r in dense.split(max(1, _CHUNK_ELEMENTS // len(self)))]
-        return blocks
-
-    def _terms(self, x64: Tensor, var: Tensor, idx: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        return self._log_terms(x64, var) if idx is None else self._gathered_terms(x64, var, idx)
-
-    def _unpermute(self, rows: list[Tensor], values: list[Tensor], n: int) -> Tensor:
-        """Concatenate per-block outputs and restore the original row order."""
-        perm = torch.cat(rows)
-        inv = torch.empty_like(perm)
-        inv[perm] = torch.arange(n, device=perm.device)
-        return torch.cat(values)[inv]
-
-    # ----- cached interpolants for repeated noise levels (module docstring) -----
+        return torch.where(inside, cell[:, 0] * _GRID + cell[:, 1], torch.full_like(cell[:, 0], -1))
 
     def _exact_both(self, x64: Tensor, sigma: Tensor) -> Tensor:
-        """[N, 3]: log p_σ and the score at x64 [N, 2] (float64, no autograd) by the exact paths."""
-        var = sigma**2
-        blocks = self._blocks(x64, sigma)
-        out = []
-        for r, idx in blocks:
-            logits, g0, g1 = self._terms(x64[r], var[r], idx)
-            w = torch.softmax(logits, dim=-1)
-            out.append(torch.stack((torch.logsumexp(logits, dim=-1), (w * g0).sum(-1), (w * g1).sum(-1)), dim=-1))
-        return self._unpermute([r for r, _ in blocks], out, x64.shape[0])
+        """[N, 3]: log p_σ and the score at x64 [N, 2] (float64, no autograd), exactly up to the 30-nat
+        truncation, by the compiled kernel over each row's candidate list (module docstring)."""
+        n = x64.shape[0]
+        out = np.empty((n, 3))
+        if n == 0:
+            return torch.from_numpy(out)
+        x_cpu, sig = x64.detach().cpu(), sigma.detach().cpu().abs()
+        order = None if bool((sig == sig[0]).all()) else torch.argsort(sig, stable=True)
+        if order is not None:  # rows sharing a level adjacent (the kernel reuses per-level constants over a run)
+            x_cpu, sig = x_cpu[order], sig[order]
+        var = (sig**2).numpy()
+        cell = self._cells(x_cpu) if len(self) >= _FAST_MIN_K else torch.full((n,), -1, dtype=torch.long)
+        bucket = self._bucket_of(sig)
+        x_np, comps = x_cpu.contiguous().numpy(), self._kernel_params()
+        for b in torch.unique(bucket).tolist():
+            rows = torch.nonzero(bucket == b).squeeze(1).numpy()
+            if b < _N_BUCKETS and len(self) >= _FAST_MIN_K:
+                self._bucket_rows[b] = self._bucket_rows.get(b, 0) + len(rows)
+            if b in self._tables or (b < _N_BUCKETS and self._bucket_rows.get(b, 0) >= _TABLE_ROWS):
+                cells, table = cell[rows].numpy(), self._table(b)
+            else:  # σ beyond the listed buckets, a small mixture, or lists not yet worth building: every component
+                cells, table = np.full(len(rows), -1), self._no_table
+            part = np.empty((len(rows), 3))
+            kernels.mixture_rows(x_np[rows], var[rows], cells, *table, *comps, _TRUNCATION, part)
+            out[rows] = part
+        result = torch.from_numpy(out)
+        if order is not None:
+            result = torch.empty_like(result).index_copy_(0, order, result)
+        return result.to(x64.device)
+
+    def _kernel_params(self) -> tuple[np.ndarray, ...]:
+        """(log φ, μx, μy, a, b, c, det Σ) as contiguous float64 numpy arrays, the kernel's component inputs."""
+        if self._kernel_cache is None:
+            self._kernel_cache = tuple(t.contiguous().numpy() for t in
+                                       (self._log_w, self._mu[:, 0], self._mu[:, 1], self._a, self._b, self._c,
+                                        self._det))
+        return self._kernel_cache
+
+    # ----- cached interpolants for repeated noise levels (module docstring) -----
 
     def _interpolant(self, sigma: float) -> TileInterpolant:
         """The tile interpolant of (log p_σ, ∇log p_σ) over the means' box padded by 0.5 + 4σ, cached (LRU)."""
@@ -376,11 +309,8 @@ class GaussianMixture:
         return interpolant
 
     def _interpolated(self, x64: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
-        """[N, 3] (log p, score) from cached interpolants and the [N] mask of rows they resolved.
-
-        A level σ ≥ ``_TILE_FIRST_REQUEST`` gets an interpolant on its first request with at least
-        ``_TILE_MIN_ROWS`` rows, a smaller one on its ``_TILE_REPEATS``-th (levels met only once or twice are
-        cheaper to evaluate exactly than to tabulate)."""
+        """[N, 3] (log p, score) from cached interpolants and the [N] mask of rows they resolved; a level is
+        tabulated once it has been requested often enough to pay for its table (``_TILE_NODES``)."""
         n = x64.shape[0]
         values, done = torch.zeros(n, 3, dtype=torch.float64), torch.zeros(n, dtype=torch.bool)
         if not self.cache_levels or len(self) < _FAST_MIN_K or n < _TILE_MIN_ROWS or x64.device.type != "cpu":
@@ -390,12 +320,13 @@ class GaussianMixture:
             level = float(levels[i])
             if not (_TILE_SIGMA_MIN <= level <= _TILE_SIGMA_MAX):
                 continue
-            seen = self._requests.pop(level, 0) + 1
-            self._requests[level] = seen
-            if len(self._requests) > 4 * _TILE_CACHE:
-                self._requests.pop(next(iter(self._requests)))
-            if seen < _TILE_REPEATS and level < _TILE_FIRST_REQUEST and level not in self._interpolants:
-                continue
+            if level not in self._interpolants:
+                seen = self._requests.pop(level, 0) + int(counts[i])
+                self._requests[level] = seen
+                if len(self._requests) > 4 * _TILE_CACHE:
+                    self._requests.pop(next(iter(self._requests)))
+                if seen < _table_nodes(level):
+                    continue
             rows = torch.nonzero(inverse == i).squeeze(1)
             out, ok = self._interpolant(level)(x64[rows])
             values[rows[ok]], done[rows[ok]] = out[ok], True
@@ -404,35 +335,28 @@ class GaussianMixture:
     def log_prob(self, x: Tensor, sigma: float | Tensor = 0.0) -> Tensor:
         """log p_σ(x) = logsumexp_k [log φ_k + log N(x; μ_k, Σ_k + σ² I)] for x [N, 2] -> [N].
 
-        Differentiable with respect to x (autograd goes through the exact float64 computation).
+        Differentiable with respect to x and σ: with autograd the dense float64 closed form is used.
         """
-        x64 = x.double()
         sig = _levels(sigma, x.shape[0], x.device, "sigma")
         if x.requires_grad or sig.requires_grad:
-            return self._exact_log_prob(x64, sig).to(x.dtype)
-        values, done = self._interpolated(x64, sig)
-        out = values[:, 0]
-        rest = torch.nonzero(~done).squeeze(1)
-        if rest.numel():
-            out[rest] = self._exact_log_prob(x64[rest], sig[rest])
-        return out.to(x.dtype)
-
-    def _exact_log_prob(self, x64: Tensor, sig: Tensor) -> Tensor:
-        var = sig**2
-        blocks = self._blocks(x64, sig.detach())
-        out = [torch.logsumexp(self._terms(x64[r], var[r], idx)[0], dim=-1) for r, idx in blocks]
-        return self._unpermute([r for r, _ in blocks], out, x64.shape[0])
+            x64, var = x.double(), sig**2
+            out = [torch.logsumexp(self._log_terms(x64[s], var[s])[0], dim=-1) for s in self._row_slices(x.shape[0])]
+            return torch.cat(out).to(x.dtype)
+        return self._evaluate(x, sig)[:, 0].to(x.dtype)
 
     def score(self, x: Tensor, sigma: float | Tensor = 0.0) -> Tensor:
         """∇_x log p_σ(x) = Σ_k r_k (Σ_k + σ² I)⁻¹ (μ_k − x), r = softmax of the log terms; [N, 2] -> [N, 2]."""
-        x64 = x.detach().double()
         sig = _levels(sigma, x.shape[0], x.device, "sigma").detach()
+        return self._evaluate(x, sig)[:, 1:].to(x.dtype)
+
+    def _evaluate(self, x: Tensor, sig: Tensor) -> Tensor:
+        """[N, 3] float64 (log p_σ, score): cached interpolants where they apply, the exact kernel elsewhere."""
+        x64 = x.detach().double()
         values, done = self._interpolated(x64, sig)
-        out = values[:, 1:]
         rest = torch.nonzero(~done).squeeze(1)
         if rest.numel():
-            out[rest] = self._exact_both(x64[rest], sig[rest])[:, 1:]
-        return out.to(x.dtype)
+            values[rest] = self._exact_both(x64[rest], sig[rest]).to(values.device)
+        return values
 
     def sample(self, n: int, sigma: float | Tensor = 0.0, generator: torch.Generator | None = None) -> Tensor:
         """n exact samples of p_σ = p ∗ N(0, σ² I): k ~ Categorical(φ), x = μ_k + L z with L Lᵀ = Σ_k + σ² I.

@@ -18,8 +18,11 @@ from __future__ import annotations
 import math
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
+
+from toy2d.kernels import chebyshev_rows
 
 
 def chebyshev_points(n: int) -> Tensor:
@@ -34,14 +37,6 @@ def chebyshev_transform(n: int) -> Tensor:
     matrix = (2.0 / n) * torch.cos(math.pi * k * (j + 0.5) / n)
     matrix[0] *= 0.5
     return matrix
-
-
-def chebyshev_basis(u: Tensor, n: int) -> Tensor:
-    """[..., n] values T_0(u) … T_{n−1}(u) by the three-term recurrence T_{k+1} = 2u T_k − T_{k−1}."""
-    values = [torch.ones_like(u), u]
-    for _ in range(n - 2):
-        values.append(2 * u * values[-1] - values[-2])
-    return torch.stack(values[:n], dim=-1)
 
 
 class TileInterpolant:
@@ -71,8 +66,8 @@ class TileInterpolant:
         self._transform = chebyshev_transform(order)
         degree = torch.arange(order)
         self._tail = (degree[:, None] + degree[None]) >= order - 2
-        # per level: (cells per axis, [cells²] coefficient row or −1, [rows, n, n, C] coefficients)
-        self.levels: list[tuple[int, Tensor, Tensor]] = []
+        # per level: (cells per axis, [cells²] coefficient row or −1, [rows, C, n, n] coefficients)
+        self.levels: list[tuple[int, np.ndarray, np.ndarray]] = []
         self.nodes_evaluated = 0
         todo = torch.arange(self.tiles**2)
         for depth in range(max_depth + 1):
@@ -80,7 +75,7 @@ class TileInterpolant:
             coefficients, accepted = self._fit(field, cells, todo)
             index = torch.full((cells * cells,), -1, dtype=torch.long)
             index[todo[accepted]] = torch.arange(int(accepted.sum()))
-            self.levels.append((cells, index, coefficients[accepted].contiguous()))
+            self.levels.append((cells, index.numpy(), coefficients[accepted].permute(0, 3, 1, 2).contiguous().numpy()))
             rejected = todo[~accepted]
             if depth == max_depth or rejected.numel() == 0:
                 break
@@ -112,24 +107,16 @@ class TileInterpolant:
 
     def __call__(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Interpolated values [N, C] at points x [N, 2] (float64) and the [N] mask of resolved points
-        (unresolved rows hold zeros)."""
-        x = x.double()
-        out = torch.zeros(x.shape[0], self.channels, dtype=torch.float64)
-        resolved = torch.zeros(x.shape[0], dtype=torch.bool)
-        rel = (x - self.lo) / (self.hi - self.lo)  # in [0, 1) inside the box
-        inside = ((rel >= 0) & (rel < 1)).all(dim=1)  # False for NaN too
-        pending = torch.nonzero(inside).squeeze(1)
+        (unresolved rows hold zeros). The series are summed by the compiled kernel
+        :func:`toy2d.kernels.chebyshev_rows`, coarsest level first, rows sorted by finest cell."""
+        rel = ((x.double() - self.lo) / (self.hi - self.lo)).contiguous().numpy()  # in [0, 1) inside the box
+        out = np.zeros((x.shape[0], self.channels))
+        inside = ((rel >= 0) & (rel < 1)).all(axis=1)  # False for NaN too
+        resolved = ~inside
+        finest = self.levels[-1][0]
+        cell = np.clip(np.nan_to_num(rel) * finest, 0, finest - 1).astype(np.int64)
+        visit = np.argsort(cell[:, 0] * finest + cell[:, 1], kind="stable")  # rows of a tile together
         for cells, index, coefficients in self.levels:
-            if pending.numel() == 0 or coefficients.numel() == 0:
-                continue
-            scaled = rel[pending] * cells
-            cell = scaled.floor().long().clamp_(0, cells - 1)
-            row = index[cell[:, 0] * cells + cell[:, 1]]
-            hit = row >= 0
-            if bool(hit.any()):
-                rows, u = pending[hit], 2 * (scaled[hit] - cell[hit]) - 1
-                tx, ty = chebyshev_basis(u[:, 0], self.order), chebyshev_basis(u[:, 1], self.order)
-                out[rows] = torch.einsum("nk,nkmc,nm->nc", tx, coefficients[row[hit]], ty)
-                resolved[rows] = True
-            pending = pending[~hit]
-        return out, resolved
+            if coefficients.shape[0]:
+                chebyshev_rows(rel, visit, cells, index, coefficients, out, resolved)
+        return torch.from_numpy(out), torch.from_numpy(resolved & inside)
