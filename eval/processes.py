@@ -1,23 +1,32 @@
-"""The reproduce scripts' job runner: which runs are already done, and running the rest as subprocesses a
-few at a time."""
+"""The reproduce scripts' job runner: which runs are already done, and running the rest a few at a time,
+as subprocesses or in long-lived worker processes."""
 from __future__ import annotations
 
+import multiprocessing
 import subprocess
+import sys
 import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from experiments.checkpoint import CONFIG_FILE, FINAL_FILE, clear_for_rerun, same_run_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def composed_config(overrides: list[str]) -> dict:
-    """The resolved config ``python -m experiments.run <overrides>`` would run."""
+def compose_run_config(overrides: list[str]) -> DictConfig:
+    """The config ``python -m experiments.run <overrides>`` would run."""
     with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
-        return OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)
+        return compose("config", overrides=overrides)
+
+
+def composed_config(overrides: list[str]) -> dict:
+    """:func:`compose_run_config`, resolved."""
+    return OmegaConf.to_container(compose_run_config(overrides), resolve=True)
 
 
 def is_done(run_dir: Path, overrides: list[str]) -> bool:
@@ -52,3 +61,39 @@ def run_processes(commands: list[list[str]], workers: int) -> None:
                     failed.append(" ".join(command[1:]))
     if failed:
         raise RuntimeError("runs failed:\n" + "\n".join(failed))
+
+
+def _run_in_worker(overrides: list[str], run_dir: str) -> str | None:
+    """One run, in-process (``experiments.run.run``); the traceback if it failed."""
+    from experiments.run import run
+
+    try:
+        run(compose_run_config(overrides), Path(run_dir))
+        return None
+    except Exception:  # reported with the run's command once every run has finished
+        return traceback.format_exc()
+
+
+def run_in_workers(jobs: list[tuple[list[str], Path]], workers: int) -> None:
+    """Run every ``(overrides, run_dir)`` like ``python -m experiments.run <overrides> hydra.run.dir=<run_dir>``,
+    in ``workers`` long-lived processes (spawned: no state shared with this one), taken in order. A worker
+    pays for its imports and the drivers' cached objects (e.g. the toy evaluator's reference samples) once,
+    not once per run. Raises ``RuntimeError`` listing the failed runs once all have finished."""
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    commands = [" ".join(["-m experiments.run", *overrides, f"hydra.run.dir={run_dir}"]) for overrides, run_dir in jobs]
+    failed = []
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures = []
+        for (overrides, run_dir), command in zip(jobs, commands):
+            print("+", command, flush=True)
+            futures.append(pool.submit(_run_in_worker, overrides, str(run_dir)))
+        for future, command in zip(futures, commands):
+            error = future.result()
+            if error is not None:
+                print(error, file=sys.stderr, flush=True)
+                failed.append(command)
+    if failed:
+        raise RuntimeError("runs failed:\n" + "\n".join(failed))
+

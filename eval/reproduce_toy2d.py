@@ -2,9 +2,9 @@
 
 Runs {ddim, sds, vsd, sdi, msd} × {exact, learned} × {no guidance, CFG w = 4 with the class-AB guide},
 plus autoguidance (w = 3, the weak class-A guide) for the learned denoiser and MSD with exact product
-sampling (``msd_exact``, the reference for MSD's ODE sampler; exact unguided mixture only), through the Hydra app
-(one process per run, ``--jobs`` of them at a time, one thread each; every run is a normal run directory
-``<runs-dir>/<denoiser>_<guide>_w<scale>/<method>/``), then writes ``<results-dir>/metrics.csv``,
+sampling (``msd_exact``, the reference for MSD's ODE sampler; exact unguided mixture only), each exactly as
+``python -m experiments.run <overrides> hydra.run.dir=<runs-dir>/<denoiser>_<guide>_w<scale>/<method>/``
+would run it (the command is printed), in ``--jobs`` long-lived single-threaded worker processes, then writes ``<results-dir>/metrics.csv``,
 ``metrics.md`` and ``figure_grid.png`` from those run directories. The mode metrics (precision, recall,
 mmd, mode_distance; ``eval.toy_metrics.ModeMetrics``) are computed here from each run's ``particles.npz``
 and cached beside it in ``mode_metrics.json`` (so finished runs need not be rerun when they are added).
@@ -25,7 +25,6 @@ import argparse
 import hashlib
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -33,7 +32,7 @@ import pandas as pd
 
 from eval.figures import METHOD_COLUMNS, RunRecord, setting_order
 from eval.io import save_figure, write_csv, write_json, write_text
-from eval.processes import is_done, prepare_rerun, run_processes
+from eval.processes import is_done, prepare_rerun, run_in_workers
 from eval.toy2d_figures import grid_runs, particles_grid
 from eval.tracking import records as records_of
 from eval.tracking import study_logger
@@ -71,12 +70,6 @@ def run_overrides(method: str, setting: tuple[str, str, float], extra: list[str]
             f"guidance_scale={scale:g}", *extra]
 
 
-def run_command(runs_dir: Path, setting: tuple[str, str, float], method: str, extra: list[str]) -> list[str]:
-    """One Hydra run writing ``<runs-dir>/<setting>/<method>/``."""
-    run_dir = setting_dir(runs_dir, setting) / method
-    return [sys.executable, "-m", "experiments.run", *run_overrides(method, setting, extra), f"hydra.run.dir={run_dir}"]
-
-
 COST_ORDER = ("msd", "sdi", "vsd", "msd_exact", "sds", "ddim")
 """Longest runs first (measured), so that parallel workers finish together."""
 
@@ -88,8 +81,11 @@ def expected_cost(job: tuple[tuple[str, str, float], str]) -> tuple:
 
 
 def run_jobs(runs_dir: Path, jobs: list[tuple[tuple[str, str, float], str]], extra: list[str], workers: int) -> None:
-    """Run every (setting, method) job as its own single-threaded process, ``workers`` at a time, longest first."""
-    run_processes([run_command(runs_dir, *job, extra) for job in sorted(jobs, key=expected_cost)], workers)
+    """Run every (setting, method) job into ``<runs-dir>/<setting>/<method>/``, longest first, in ``workers``
+    single-threaded worker processes."""
+    ordered = sorted(jobs, key=expected_cost)
+    run_in_workers([(run_overrides(method, setting, extra), setting_dir(runs_dir, setting) / method)
+                    for setting, method in ordered], workers)
 
 
 def applicable(method: str, setting: tuple[str, str, float]) -> bool:
