@@ -28,11 +28,10 @@ import time
 from pathlib import Path
 
 import pandas as pd
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from eval.io import write_csv, write_text
-from eval.processes import is_done, prepare_rerun, run_processes
+from eval.processes import compose_run_config, is_done, prepare_rerun, run_processes
 from eval.table4_figures import (PRIORS, REFERENCE_METHOD, Table4Run, build_figures, default_results_dir,
                                  default_runs_dir, find_table4_runs, reference_run)
 from eval.tracking import records as records_of
@@ -67,11 +66,6 @@ TABLE_COLUMNS = {  # final.json key → (Markdown header, format)
 
 def run_overrides(prior: str, method: str, extra: list[str]) -> list[str]:
     return [*PRESET_OVERRIDES[prior], f"guidance={GUIDANCES[method]}", *extra]
-
-
-def compose_run_config(overrides: list[str]) -> DictConfig:
-    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=overrides)
 
 
 def check_features(cfg: DictConfig) -> None:
