@@ -8,7 +8,8 @@ Hydra run ``python -m experiments.run experiment=<preset> guidance=<t2d_x> hydra
 GPU node, which also needs ``task.eval.inception_path=<TorchScript InceptionV3>``). The DDIM row runs first and
 alone (it computes the DDIM reference set that every run shares through ``task.eval.cache_dir``), then the
 others ``--jobs`` at a time, one process and one thread each. A finished run whose resolved config equals the
-one it would be started with (ignoring the logger) is reused; ``--force`` reruns it.
+one it would be started with (ignoring ``experiments.checkpoint.RUN_INDEPENDENT_KEYS``) is reused; an
+interrupted one resumes from its checkpoint; ``--force`` reruns it.
 
 Then ``<results-dir>/`` gets ``fid_vs_iter.csv`` (every evaluation of every run), ``table4.md`` (final metrics,
 one row per method, with the protocol read from the run configs), the figures of ``eval.table4_figures`` and,

@@ -13,8 +13,9 @@ The guidance scales are EDM2's for this toy (Karras et al. 2024, reference/ancho
 CFG-style guide (a two-class model) with w = 4, the autoguidance guide (a weaker class-A model) with
 w = 3. The exact denoiser has no "weaker" model, so it gets no autoguidance row.
 
-A finished run whose resolved config equals the one it would be started with now (ignoring the
-logger and the progress bar) is reused (``--force`` reruns it). Extra ``key=value`` arguments go to
+A finished run whose resolved config equals the one it would be started with now (ignoring
+``experiments.checkpoint.RUN_INDEPENDENT_KEYS``) is reused and an interrupted one resumes from its checkpoint
+(``--force`` reruns it). Extra ``key=value`` arguments go to
 every run, e.g. a quick look (about 2 minutes):
 ``python -m eval.reproduce_toy2d --runs-dir outputs/toy2d_quick --results-dir outputs/toy2d_quick/results
 task.grid_size=16 task.solver_steps=8`` (committed results use the paper-scale defaults).
