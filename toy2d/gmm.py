@@ -65,6 +65,10 @@ _CHUNK_ELEMENTS = 1 << 14
 CPU cache (measured ~4× faster than one 2^21-element block for K = 1016)."""
 
 
+_CHAIN_TOL = 1e-12
+"""A block of components is a chain when its means lie within this many of the components' smallest standard
+deviations of evenly stepped means: the recurrence then changes a log-term by ≲ 1e-12 × its Mahalanobis
+distance (the fractal's branches, built in float64: ≤ 9e-14)."""
 _FAST_MIN_K = 64
 """Mixtures with fewer components always use the dense closed form (nothing to gain from pruning)."""
 _TRUNCATION = 30.0
@@ -121,15 +125,17 @@ class GaussianMixture:
 
     Args:
         weights: [K] non-negative mixture weights (normalised here).
-        means: [K, 2] component means.
+        means: [K, 2] component means. The three are stored in float64 when ``means`` is float64, else in
+            float32; every evaluation runs in float64 on the stored values.
         covs: [K, 2, 2] symmetric positive-definite component covariances.
         cache_levels: tabulate repeatedly requested noise levels (module docstring); False: always exact.
     """
 
     def __init__(self, weights: Tensor, means: Tensor, covs: Tensor, cache_levels: bool = True):
-        weights = torch.as_tensor(weights, dtype=torch.float32)
-        means = torch.as_tensor(means, dtype=torch.float32)
-        covs = torch.as_tensor(covs, dtype=torch.float32)
+        dtype = torch.float64 if torch.as_tensor(means).dtype == torch.float64 else torch.float32
+        weights = torch.as_tensor(weights, dtype=dtype)
+        means = torch.as_tensor(means, dtype=dtype)
+        covs = torch.as_tensor(covs, dtype=dtype)
         k = weights.shape[0]
         if weights.ndim != 1 or means.shape != (k, 2) or covs.shape != (k, 2, 2):
             raise ValueError(f"expected weights [K], means [K, 2], covs [K, 2, 2]; got "
@@ -153,7 +159,8 @@ class GaussianMixture:
         self.cache_levels = bool(cache_levels)
         self._interpolants: OrderedDict[float, TileInterpolant] = OrderedDict()  # σ -> interpolant (LRU)
         self._requests: dict[float, int] = {}  # σ -> rows requested, not yet tabulated (insertion-ordered, bounded)
-        self._kernel_cache: tuple[np.ndarray, ...] | None = None  # component arrays of the kernels
+        self._kernel_cache: tuple[np.ndarray, ...] | None = None  # per-component arrays (candidate lists)
+        self._chain_cache: tuple | None = None  # chain length and per-chain arrays (mixture kernel)
         # empty candidate lists (CSR offsets, indices, dense mask) for rows that sum over every component
         self._no_table = (np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int32), np.ones(0, dtype=np.bool_))
 
@@ -239,7 +246,7 @@ class GaussianMixture:
             s_hi = _SIGMA_FLOOR * _SIGMA_RATIO**bucket
             self._tables[bucket] = kernels.candidate_lists(
                 float(lo[0]), float(lo[1]), float(size[0]), float(size[1]), _GRID, s_lo**2, s_hi**2,
-                *self._kernel_params(), _TRUNCATION, len(self) // 2)
+                *self._kernel_params(), _TRUNCATION, self.chains()[0] // 2, self.chains()[1])
         return self._tables[bucket]
 
     def _cells(self, x64: Tensor) -> Tensor:
@@ -258,28 +265,62 @@ class GaussianMixture:
         if n == 0:
             return torch.from_numpy(out)
         x_cpu, sig = x64.detach().cpu(), sigma.detach().cpu().abs()
-        order = None if bool((sig == sig[0]).all()) else torch.argsort(sig, stable=True)
+        shared = bool((sig == sig[0]).all())
+        order = None if shared else torch.argsort(sig, stable=True)
         if order is not None:  # rows sharing a level adjacent (the kernel reuses per-level constants over a run)
             x_cpu, sig = x_cpu[order], sig[order]
         var = (sig**2).numpy()
-        cell = self._cells(x_cpu) if len(self) >= _FAST_MIN_K else torch.full((n,), -1, dtype=torch.long)
-        bucket = self._bucket_of(sig)
-        x_np, comps = x_cpu.contiguous().numpy(), self._kernel_params()
+        bucket = self._bucket_of(sig[:1] if shared else sig)
+        x_np, chains = x_cpu.contiguous().numpy(), self._chain_params()
         for b in torch.unique(bucket).tolist():
-            rows = torch.nonzero(bucket == b).squeeze(1).numpy()
-            if b < _N_BUCKETS and len(self) >= _FAST_MIN_K:
-                self._bucket_rows[b] = self._bucket_rows.get(b, 0) + len(rows)
-            if b in self._tables or (b < _N_BUCKETS and self._bucket_rows.get(b, 0) >= _TABLE_ROWS):
-                cells, table = cell[rows].numpy(), self._table(b)
-            else:  # σ beyond the listed buckets, a small mixture, or lists not yet worth building: every component
-                cells, table = np.full(len(rows), -1), self._no_table
-            part = np.empty((len(rows), 3))
-            kernels.mixture_rows(x_np[rows], var[rows], cells, *table, *comps, _TRUNCATION, part)
-            out[rows] = part
+            rows = None if shared else torch.nonzero(bucket == b).squeeze(1).numpy()
+            count = n if shared else len(rows)
+            listed = b < _N_BUCKETS and len(self) >= _FAST_MIN_K
+            if listed:
+                self._bucket_rows[b] = self._bucket_rows.get(b, 0) + count
+            x_b = x_np if shared else x_np[rows]
+            if b in self._tables or (listed and self._bucket_rows[b] >= _TABLE_ROWS):
+                cells, table = self._cells(torch.from_numpy(x_b)).numpy(), self._table(b)
+            else:  # σ beyond the listed buckets, a small mixture, or lists not yet worth building: every chain
+                cells, table = np.full(count, -1), self._no_table
+            part = out if shared else np.empty((count, 3))
+            kernels.mixture_rows(x_b, var if shared else var[rows], cells, *table, *chains, part)
+            if not shared:
+                out[rows] = part
         result = torch.from_numpy(out)
         if order is not None:
             result = torch.empty_like(result).index_copy_(0, order, result)
         return result.to(x64.device)
+
+    def chains(self) -> tuple[int, int]:
+        """(number of chains C, chain length L): the components as C runs of L consecutive ones sharing weight
+        and covariance with evenly stepped means (``toy2d.kernels``); L = 8 when every block of 8 is one (the
+        fractal's branches), else L = 1. A block counts when weights and covariances are equal and every
+        mean is within ``_CHAIN_TOL`` × (the smallest standard deviation of Σ) of the even steps."""
+        length = self._chain_params()[0]
+        return len(self) // length, length
+
+    def _chain_params(self) -> tuple:
+        """(L, then per chain: log φ, μ₀x, μ₀y, Δx, Δy, a, b, c, det Σ as float64 numpy arrays)."""
+        if self._chain_cache is None:
+            self._chain_cache = self._chain_split(8 if len(self) % 8 == 0 else 1)
+        return self._chain_cache
+
+    def _chain_split(self, length: int) -> tuple:
+        """:meth:`_chain_params` for chains of ``length``, falling back to single components."""
+        per = [t.view(-1, length) for t in (self._log_w, self._a, self._b, self._c)]
+        mu = self._mu.view(-1, length, 2)
+        step = (mu[:, -1] - mu[:, 0]) / max(length - 1, 1)
+        even = mu[:, :1] + torch.arange(length, dtype=torch.float64)[None, :, None] * step[:, None]
+        std_min = (self._det.view(-1, length)[:, 0] / (per[1][:, 0] + per[3][:, 0])).sqrt()
+        ok = all(bool((t == t[:, :1]).all()) for t in per) and bool(
+            ((mu - even).norm(dim=-1).amax(1) <= _CHAIN_TOL * std_min).all())
+        if length > 1 and not ok:
+            return self._chain_split(1)
+        first = slice(None, None, length)
+        arrays = (self._log_w[first], mu[:, 0, 0], mu[:, 0, 1], step[:, 0], step[:, 1], self._a[first],
+                  self._b[first], self._c[first], self._det[first])
+        return (length, *(t.contiguous().numpy() for t in arrays))
 
     def _kernel_params(self) -> tuple[np.ndarray, ...]:
         """(log φ, μx, μy, a, b, c, det Σ) as contiguous float64 numpy arrays, the kernel's component inputs."""
@@ -309,12 +350,13 @@ class GaussianMixture:
         return interpolant
 
     def _interpolated(self, x64: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
-        """[N, 3] (log p, score) from cached interpolants and the [N] mask of rows they resolved; a level is
-        tabulated once it has been requested often enough to pay for its table (``_TILE_NODES``)."""
+        """[N, 3] (log p, score) from cached interpolants and the [N] mask of rows they resolved (``None`` and a
+        False mask when none can apply); a level is tabulated once it has been requested often enough to pay for
+        its table (``_TILE_NODES``)."""
         n = x64.shape[0]
-        values, done = torch.zeros(n, 3, dtype=torch.float64), torch.zeros(n, dtype=torch.bool)
         if not self.cache_levels or len(self) < _FAST_MIN_K or n < _TILE_MIN_ROWS or x64.device.type != "cpu":
-            return values, done
+            return None, torch.zeros(1, dtype=torch.bool)
+        values, done = torch.zeros(n, 3, dtype=torch.float64), torch.zeros(n, dtype=torch.bool)
         levels, inverse, counts = torch.unique(sigma.abs(), return_inverse=True, return_counts=True)
         for i in torch.nonzero(counts >= _TILE_MIN_ROWS).squeeze(1).tolist():
             level = float(levels[i])
@@ -353,6 +395,8 @@ class GaussianMixture:
         """[N, 3] float64 (log p_σ, score): cached interpolants where they apply, the exact kernel elsewhere."""
         x64 = x.detach().double()
         values, done = self._interpolated(x64, sig)
+        if not bool(done.any()):
+            return self._exact_both(x64, sig)
         rest = torch.nonzero(~done).squeeze(1)
         if rest.numel():
             values[rest] = self._exact_both(x64[rest], sig[rest]).to(values.device)
