@@ -1,4 +1,4 @@
-"""Fast mixture evaluation (compiled candidate-list kernel, cached tile interpolants) against the float64 dense
+"""Fast exact mixture evaluation (compiled kernel: chains, candidate lists, fallbacks) against the float64 dense
 einsum reference."""
 import pytest
 import torch
@@ -6,7 +6,6 @@ import torch
 from eval.bench_gmm import dense_log_prob_score
 from toy2d import GaussianMixture, fractal_gmm
 from toy2d import gmm
-from toy2d.gmm import _table_nodes
 
 SIGMAS = (0.0, 1e-3, 0.05, 0.1, 0.2, 0.3, 1.0, 5.0)
 TOL = 1e-4
@@ -68,7 +67,7 @@ def test_fast_matches_dense_per_sample_sigma(classes):
 
 def test_deterministic_and_independent_of_batch_composition():
     """Same values on repeated calls, for a row alone or among others, and in any row order."""
-    mix = _fresh("A", cache_levels=False)
+    mix = _fresh("A")
     x = _canvas(600, 11)
     gen = torch.Generator().manual_seed(3)
     sigma = torch.exp(torch.empty(600, dtype=torch.float64).uniform_(-7.0, 1.0, generator=gen))
@@ -102,77 +101,55 @@ def test_float32_inputs_and_autograd_match_fast_path():
     assert mix.log_prob(x32[:0], 0.0).shape == (0,)
 
 
-def _fresh(classes, cache_levels=True):
+def _fresh(classes):
     """An uncached copy of a fractal mixture (``fractal_gmm`` is shared across tests, and so would its tables be)."""
     mix = fractal_gmm(classes)
-    return GaussianMixture(mix.weights, mix.means, mix.covs, cache_levels=cache_levels)
+    return GaussianMixture(mix.weights, mix.means, mix.covs)
 
 
-@pytest.mark.parametrize("classes", ["A", "AB"])
-@pytest.mark.parametrize("sigma", [0.1, 0.3, 0.6, 1.5, 5.0, 30.0])
-def test_repeated_levels_use_cached_interpolants_within_tolerance(classes, sigma):
-    """A level is tabulated once the rows requested at it reach the table-size estimate; values stay within
-    1e-4 (measured ~1e-7) of the dense reference on canvas points, samples and far points (exact fallback)."""
-    mix = _fresh(classes)
-    gen = torch.Generator().manual_seed(7)
-    angles = 6.283 * torch.rand(16, generator=gen, dtype=torch.float64)
-    far = 300.0 * torch.stack((angles.cos(), angles.sin()), dim=1)  # outside every box (pad 0.5 + 4σ)
-    x = torch.cat((_canvas(700, 8), mix.sample(700, sigma, generator=gen).double(), far))
-    requests = -(-int(_table_nodes(sigma)) // x.shape[0])  # ceil: requests until the rows reach the estimate
-    for _ in range(requests - 1):
-        mix.score(x, sigma)
-        assert sigma not in mix._interpolants
-    _check(mix, x, sigma)  # this request tabulates
-    interpolant = mix._interpolants[sigma]
-    values, resolved = interpolant(x)
-    assert resolved[:1400].float().mean() > 0.95 and not resolved[1400:].any()  # far points fall back to exact
-    _check(mix, x, sigma)
+def test_fractal_branches_are_chains_and_anything_else_is_not():
+    """Each branch is 8 components with one weight and covariance and evenly stepped means; a permuted mixture,
+    a moved mean (by 1e-6 of a component's width) or one changed weight breaks the chains."""
+    assert fractal_gmm("A").chains() == (127, 8) and fractal_gmm("AB").chains() == (254, 8)
+    mix = fractal_gmm("A")
+    w, mu, cov = mix.weights.clone(), mix.means.clone(), mix.covs.clone()
+    perm = torch.randperm(1016, generator=torch.Generator().manual_seed(0))
+    assert GaussianMixture(w[perm], mu[perm], cov[perm]).chains() == (1016, 1)
+    moved = mu.clone()
+    moved[3, 0] += 1e-6 * float(cov[3].det().sqrt().sqrt())
+    assert GaussianMixture(w, moved, cov).chains() == (1016, 1)
+    reweighted = w.clone()
+    reweighted[9] *= 1.001
+    assert GaussianMixture(reweighted, mu, cov).chains() == (1016, 1)
+    assert GaussianMixture(w.float(), mu.float(), cov.float()).chains() == (1016, 1)  # float32 means: steps inexact
 
 
-def test_interpolants_skip_small_batches_autograd_and_other_levels():
+@pytest.mark.parametrize("lists", [True, False])
+def test_chains_and_single_components_agree(monkeypatch, lists):
+    """The chain recurrence (two exponentials per branch) against the same mixture as 1016 single components
+    (permuted), both against the dense reference: shared levels, per-row levels, canvas, samples, far points;
+    with candidate lists and with every chain summed (lists off: small σ then takes the direct fallback)."""
+    if not lists:
+        monkeypatch.setattr(gmm, "_TABLE_ROWS", 1 << 40)
     mix = _fresh("A")
-    x = _canvas(1200, 9)
-    for _ in range(20):
-        mix.score(x[:200], 0.77)  # too few rows at once
-    x.requires_grad_(True)
-    for _ in range(4):
-        mix.log_prob(x, 1.5)  # autograd: always the exact path
-    assert not {0.77, 1.5} & set(mix._interpolants)
-    for sigma in (0.05, 60.0):  # outside [0.1, 50]
-        for _ in range(30):
-            mix.score(x.detach(), sigma)
-        assert sigma not in mix._interpolants
-    mix.score(x.detach(), 2.0)  # σ ≥ 1: the first 1200-row request pays for the ~1000-node table
-    assert 2.0 in mix._interpolants
-
-
-def test_tile_interpolant_reproduces_polynomials_and_refines_only_where_needed():
-    """Degree < order polynomials are interpolated to rounding; a narrow bump is refined near its centre."""
-    from toy2d.tiles import TileInterpolant
-
-    def field(p):
-        x, y = p[:, 0], p[:, 1]
-        return torch.stack((3 * x**5 * y**2 - x * y + 2, torch.exp(-((x - 0.3) ** 2 + (y + 0.2) ** 2) / 2e-3)), 1)
-
-    lo, hi = torch.tensor([-1.0, -1.0]), torch.tensor([1.0, 1.0])
-    interpolant = TileInterpolant(field, lo, hi, tiles=4, order=10, tol=1e-9, groups=[[0], [1]],
-                                  floors=[1.0, 1e-3], max_depth=2)
-    x = -1 + 2 * torch.rand(2000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    values, resolved = interpolant(x)
-    exact = field(x)
-    assert torch.allclose(values[resolved, 0], exact[resolved, 0], atol=1e-12)
-    assert (values[resolved, 1] - exact[resolved, 1]).abs().max() < 1e-6
-    assert len(interpolant.levels) == 3 and interpolant.levels[1][2].shape[0] > 0  # the bump's tiles refined
-    far_from_bump = ((x - torch.tensor([0.3, -0.2])).norm(dim=1) > 0.6)
-    assert resolved[far_from_bump].all()
-    outside = interpolant(torch.tensor([[1.5, 0.0], [0.0, -1.01]], dtype=torch.float64))[1]
-    assert not outside.any()
+    perm = torch.randperm(1016, generator=torch.Generator().manual_seed(1))
+    single = GaussianMixture(mix.weights[perm], mix.means[perm], mix.covs[perm])
+    gen = torch.Generator().manual_seed(5)
+    angles = 6.283 * torch.rand(8, generator=gen, dtype=torch.float64)
+    far = 30.0 * torch.stack((angles.cos(), angles.sin()), dim=1)
+    x = torch.cat((_canvas(300, 13), mix.sample(300, 0.01, generator=gen).double(), far))
+    per_row = torch.exp(torch.empty(x.shape[0], dtype=torch.float64).uniform_(-9.0, 1.7, generator=gen))
+    for sigma in (0.0, 2e-3, 0.02, 0.1, 0.5, 3.0, per_row):
+        _check(mix, x, sigma)
+        _check(single, x, sigma)
+        torch.testing.assert_close(mix.score(x, sigma), single.score(x, sigma), rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(mix.log_prob(x, sigma), single.log_prob(x, sigma), rtol=1e-12, atol=1e-9)
 
 
 def test_candidate_lists_wait_for_enough_rows(monkeypatch):
     """A bucket's lists are built once ``_TABLE_ROWS`` rows were requested in it; values agree either way."""
     monkeypatch.setattr(gmm, "_TABLE_ROWS", 3000)
-    mix = _fresh("A", cache_levels=False)
+    mix = _fresh("A")
     x = _canvas(1000, 12)
     before = mix.score(x, 0.01)
     mix.score(x, 0.01)

@@ -13,31 +13,27 @@ more) therefore get finite log-densities and scores; the score there points back
 Outputs are returned in the dtype of the query points.
 
 Fast exact evaluation (no autograd; mixtures of ``_FAST_MIN_K`` components or more): the sums run in the
-compiled kernel :func:`toy2d.kernels.mixture_rows` (float64, the closed forms above, responsibilities
-relative to the largest log-term m). A component whose log-term is more than ``_TRUNCATION`` = 30 nats
-below m carries responsibility < e⁻³⁰ and is dropped, so the dropped mass is ≤ K e⁻³⁰ of the total
-(log-density error ≤ 2e-10 for K ≈ 2000; score error ≤ K e⁻³⁰ max_k ‖(Σ_k+vI)⁻¹(μ_k − x)‖ over the
-dropped k, whose log-terms are ≥ 30 nats down, i.e. whose Mahalanobis distances are large). The box around
-the means is cut into ``_GRID``² cells and σ into geometric buckets up to σ ≈ 0.13; per (bucket, cell)
-the components that can come within 30 nats of the best one anywhere in the cell are listed
+compiled kernel :func:`toy2d.kernels.mixture_rows` (float64, the closed forms above). The components are
+read as chains (:meth:`GaussianMixture.chains`): runs of 8 sharing weight and covariance with evenly
+stepped means, the fractal's branches, whose 8 log-terms are a quadratic in the index, so a branch costs
+two exponentials and a recurrence instead of eight exponentials (``toy2d.kernels``); a mixture without
+that structure is chains of one. Nothing is truncated or approximated in the sums themselves: the result
+equals the dense evaluation up to float64 rounding (≤ 1e-11 relative in the tests and ``make bench``).
+
+At small σ most components are negligible at a given point, so the box around the means is cut into
+``_GRID``² cells and σ into geometric buckets up to σ ≈ 0.13; per (bucket, cell) the chains with a
+component that can come within ``_TRUNCATION`` = 30 nats of the best one anywhere in the cell are listed
 (:func:`toy2d.kernels.candidate_lists`): an upper bound of each log-term over the cell from the exact
 minimum of the Mahalanobis quadratic over the cell (0 inside, else a clamped 1-D minimum on each edge) at
 the bucket's largest v = σ², with log det at its smallest v, against a lower bound from the exact maximum
 (at a corner) at the smallest v, with log det at the largest v; the Mahalanobis term decreases and log det
-increases with v, so the lists are conservative. A point sums over its cell's list (≈ 30 components of
-1016 at σ ≤ 3e-3, ≈ 400 at σ ≈ 0.09); points off the grid, cells whose lists keep more than half the
-components, and levels above the buckets sum over every component. The lists of a bucket are built once
-``_TABLE_ROWS`` rows have been requested in it and cached (≈ 0.07 s for K = 1016, ≈ 0.14 s for K = 2032).
-
-Smooth levels (σ ∈ [0.1, 50]) requested again and again with ≥ 256 rows at a time (e.g. an ODE solve's σ
-grid met at every optimisation step) get a cached interpolant of (log p_σ, ∇log p_σ) once the rows already
-evaluated at that level reach the estimated table size (``_TILE_NODES``): adaptive piecewise Chebyshev
-tiles (``toy2d.tiles``: top tiles of side 8σ, 16 × 16 points, up to five levels of 2 × 2 refinement
-wherever the tail coefficients exceed 1e-6 of the tile's scale) over the means' box padded by 0.5 + 4σ,
-tabulated with the exact evaluation above. Points off the box or on rejected tiles are evaluated exactly.
-Not exact, but ≤ 1e-7 relative error on log p and the score against the float64 dense reference at every
-tested σ (tests, ``make bench``); a table costs ~10³ exact evaluations at σ ≥ 1, ~2·10⁴ at σ = 0.3 and
-~3·10⁵ at σ = 0.1, once per level.
+increases with v, so the lists are conservative. A point sums over its cell's list (≈ 5 of the 127 chains
+at σ = 0, ≈ 31 at σ = 0.05); the components left out each carry responsibility < e⁻³⁰, so the dropped
+mass is ≤ K e⁻³⁰ of the total (log-density error ≤ 2e-10 for K ≈ 2000; score error ≤ K e⁻³⁰
+max_k ‖(Σ_k+vI)⁻¹(μ_k − x)‖ over the dropped k, whose Mahalanobis distances are large). Points off the
+grid, cells whose lists keep more than half the chains, and levels above the buckets sum over every chain.
+The lists of a bucket are built once ``_TABLE_ROWS`` rows have been requested in it and cached (≈ 0.07 s
+for K = 1016, ≈ 0.14 s for K = 2032).
 
 Multiplying the mixture by a Gaussian kernel ``N(y; c, λ² I)`` gives another mixture (the product
 distribution of mean-shift, ``ṗ(y | c) ∝ p(y) N(y; c, λ² I)``):
@@ -50,14 +46,12 @@ obeys ``E[y] − c = λ² ∇log p_λ(c)`` (the kernel-smoothed density ``p ∗ 
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from toy2d import kernels
-from toy2d.tiles import TileInterpolant
 
 _LOG_2PI = math.log(2.0 * math.pi)
 _CHUNK_ELEMENTS = 1 << 14
@@ -72,7 +66,8 @@ distance (the fractal's branches, built in float64: ≤ 9e-14)."""
 _FAST_MIN_K = 64
 """Mixtures with fewer components always use the dense closed form (nothing to gain from pruning)."""
 _TRUNCATION = 30.0
-"""Components more than this many nats below the best one at a point are dropped (responsibility < e⁻³⁰)."""
+"""Candidate lists leave out components more than this many nats below the best one anywhere in their cell
+(responsibility < e⁻³⁰)."""
 _GRID = 64
 """Cells per axis of the candidate-list grid."""
 _TABLE_ROWS = 32768
@@ -81,26 +76,7 @@ component) pair, about the cost of that many all-component rows (measured), so r
 random σ) stay on the all-component sum until the lists pay off."""
 _SIGMA_FLOOR, _SIGMA_RATIO, _N_BUCKETS = 1e-3, 1.5, 13
 """σ buckets: [0, 1e-3) then [1e-3·1.5^(i−1), 1e-3·1.5^i) for i = 1 … 12 (up to ≈ 0.13); beyond, every
-component is evaluated (at σ ≈ 0.13 half the canvas cells already keep more than half the components)."""
-_TILE_SIGMA_MIN, _TILE_SIGMA_MAX = 0.1, 50.0
-"""Noise levels that may get cached interpolants (below 0.1 a table needs more than ~3·10⁵ nodes, and the
-candidate lists are short)."""
-_TILE_WIDTH, _TILE_MAX, _TILE_ORDER, _TILE_TOL, _TILE_DEPTH = 8.0, 64, 16, 1e-6, 5
-"""Top-level tile side 8σ (at most 64 tiles per axis), 16 × 16 Chebyshev points per tile, tail tolerance
-1e-6 of the tile's largest |log p| (≥ 1) or ‖score‖, and up to five levels of 2 × 2 refinement."""
-_TILE_MIN_ROWS, _TILE_CACHE, _TILE_NODES = 256, 64, 2.4e4
-"""Only levels requested with ≥ 256 rows at once are counted. A level is tabulated once the rows evaluated
-exactly at it reach the estimated table size, ``max(1024, 2.4·10⁴ (0.3/σ)^2.5)`` nodes (fit to the fractal:
-0.1 → 2.7·10⁵, 0.3 → 2.4·10⁴, σ ≥ 1 → 1024); a node costs about one exact row, so a level never costs
-more than twice what the better of "always exact" and "tabulate at once" would have. At most 64 levels
-are kept (least recently used dropped)."""
-
-
-def _table_nodes(sigma: float) -> float:
-    """Estimated nodes of the tile interpolant at level σ (``_TILE_NODES``): ``max(1024, 2.4·10⁴ (0.3/σ)^2.5)``."""
-    return max(1024.0, _TILE_NODES * (0.3 / sigma) ** 2.5)
-
-
+chain is evaluated (at σ ≈ 0.13 half the canvas cells already keep more than half the components)."""
 def _levels(value: float | Tensor, n: int, device: torch.device, name: str) -> Tensor:
     """A noise level or bandwidth given as a float or an [n] tensor, as a float64 [n] tensor."""
     value = torch.as_tensor(value, dtype=torch.float64, device=device)
@@ -128,10 +104,9 @@ class GaussianMixture:
         means: [K, 2] component means. The three are stored in float64 when ``means`` is float64, else in
             float32; every evaluation runs in float64 on the stored values.
         covs: [K, 2, 2] symmetric positive-definite component covariances.
-        cache_levels: tabulate repeatedly requested noise levels (module docstring); False: always exact.
     """
 
-    def __init__(self, weights: Tensor, means: Tensor, covs: Tensor, cache_levels: bool = True):
+    def __init__(self, weights: Tensor, means: Tensor, covs: Tensor):
         dtype = torch.float64 if torch.as_tensor(means).dtype == torch.float64 else torch.float32
         weights = torch.as_tensor(weights, dtype=dtype)
         means = torch.as_tensor(means, dtype=dtype)
@@ -156,9 +131,6 @@ class GaussianMixture:
         self._tables: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # σ bucket -> candidate lists
         self._bucket_rows: dict[int, int] = {}  # σ bucket -> rows requested in it so far
         self._grid: tuple[Tensor, Tensor, Tensor] | None = None  # (lower corner, cell size, cells per axis)
-        self.cache_levels = bool(cache_levels)
-        self._interpolants: OrderedDict[float, TileInterpolant] = OrderedDict()  # σ -> interpolant (LRU)
-        self._requests: dict[float, int] = {}  # σ -> rows requested, not yet tabulated (insertion-ordered, bounded)
         self._kernel_cache: tuple[np.ndarray, ...] | None = None  # per-component arrays (candidate lists)
         self._chain_cache: tuple | None = None  # chain length and per-chain arrays (mixture kernel)
         # empty candidate lists (CSR offsets, indices, dense mask) for rows that sum over every component
@@ -258,8 +230,8 @@ class GaussianMixture:
         return torch.where(inside, cell[:, 0] * _GRID + cell[:, 1], torch.full_like(cell[:, 0], -1))
 
     def _exact_both(self, x64: Tensor, sigma: Tensor) -> Tensor:
-        """[N, 3]: log p_σ and the score at x64 [N, 2] (float64, no autograd), exactly up to the 30-nat
-        truncation, by the compiled kernel over each row's candidate list (module docstring)."""
+        """[N, 3]: log p_σ and the score at x64 [N, 2] (float64, no autograd) by the compiled kernel, over each
+        row's candidate list or every chain (module docstring)."""
         n = x64.shape[0]
         out = np.empty((n, 3))
         if n == 0:
@@ -330,50 +302,6 @@ class GaussianMixture:
                                         self._det))
         return self._kernel_cache
 
-    # ----- cached interpolants for repeated noise levels (module docstring) -----
-
-    def _interpolant(self, sigma: float) -> TileInterpolant:
-        """The tile interpolant of (log p_σ, ∇log p_σ) over the means' box padded by 0.5 + 4σ, cached (LRU)."""
-        if sigma in self._interpolants:
-            self._interpolants.move_to_end(sigma)
-            return self._interpolants[sigma]
-        pad = 0.5 + 4.0 * sigma
-        lo, hi = self._mu.min(0).values - pad, self._mu.max(0).values + pad
-        tiles = min(_TILE_MAX, math.ceil(float((hi - lo).max()) / (_TILE_WIDTH * sigma)))
-        level = torch.tensor([sigma], dtype=torch.float64)
-        interpolant = TileInterpolant(lambda p: self._exact_both(p, level.expand(p.shape[0])), lo, hi, tiles,
-                                      _TILE_ORDER, _TILE_TOL, groups=[[0], [1, 2]], floors=[1.0, 1e-12],
-                                      max_depth=_TILE_DEPTH)
-        self._interpolants[sigma] = interpolant
-        if len(self._interpolants) > _TILE_CACHE:
-            self._interpolants.popitem(last=False)
-        return interpolant
-
-    def _interpolated(self, x64: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
-        """[N, 3] (log p, score) from cached interpolants and the [N] mask of rows they resolved (``None`` and a
-        False mask when none can apply); a level is tabulated once it has been requested often enough to pay for
-        its table (``_TILE_NODES``)."""
-        n = x64.shape[0]
-        if not self.cache_levels or len(self) < _FAST_MIN_K or n < _TILE_MIN_ROWS or x64.device.type != "cpu":
-            return None, torch.zeros(1, dtype=torch.bool)
-        values, done = torch.zeros(n, 3, dtype=torch.float64), torch.zeros(n, dtype=torch.bool)
-        levels, inverse, counts = torch.unique(sigma.abs(), return_inverse=True, return_counts=True)
-        for i in torch.nonzero(counts >= _TILE_MIN_ROWS).squeeze(1).tolist():
-            level = float(levels[i])
-            if not (_TILE_SIGMA_MIN <= level <= _TILE_SIGMA_MAX):
-                continue
-            if level not in self._interpolants:
-                seen = self._requests.pop(level, 0) + int(counts[i])
-                self._requests[level] = seen
-                if len(self._requests) > 4 * _TILE_CACHE:
-                    self._requests.pop(next(iter(self._requests)))
-                if seen < _table_nodes(level):
-                    continue
-            rows = torch.nonzero(inverse == i).squeeze(1)
-            out, ok = self._interpolant(level)(x64[rows])
-            values[rows[ok]], done[rows[ok]] = out[ok], True
-        return values, done
-
     def log_prob(self, x: Tensor, sigma: float | Tensor = 0.0) -> Tensor:
         """log p_σ(x) = logsumexp_k [log φ_k + log N(x; μ_k, Σ_k + σ² I)] for x [N, 2] -> [N].
 
@@ -392,15 +320,8 @@ class GaussianMixture:
         return self._evaluate(x, sig)[:, 1:].to(x.dtype)
 
     def _evaluate(self, x: Tensor, sig: Tensor) -> Tensor:
-        """[N, 3] float64 (log p_σ, score): cached interpolants where they apply, the exact kernel elsewhere."""
-        x64 = x.detach().double()
-        values, done = self._interpolated(x64, sig)
-        if not bool(done.any()):
-            return self._exact_both(x64, sig)
-        rest = torch.nonzero(~done).squeeze(1)
-        if rest.numel():
-            values[rest] = self._exact_both(x64[rest], sig[rest]).to(values.device)
-        return values
+        """[N, 3] float64 (log p_σ, score) by the compiled kernel."""
+        return self._exact_both(x.detach().double(), sig)
 
     def sample(self, n: int, sigma: float | Tensor = 0.0, generator: torch.Generator | None = None) -> Tensor:
         """n exact samples of p_σ = p ∗ N(0, σ² I): k ~ Categorical(φ), x = μ_k + L z with L Lᵀ = Σ_k + σ² I.

@@ -1,4 +1,4 @@
-"""Compiled (numba) inner loops of the fast mixture evaluation and of the tile interpolants.
+"""Compiled (numba) inner loops of the fast exact mixture evaluation.
 
 Everything here is float64 and single-threaded (the callers run one process per core); the kernels are
 compiled on first use and cached on disk by numba (``cache=True``), so later processes load them.
@@ -18,12 +18,17 @@ Chains. The components come in chains of L consecutive ones sharing φ and Σ wh
     e^{l_{i+1} − m} = e^{l_i − m} t_i,    t_i = e^{β + (2i + 1)γ},    t_{i+1} = t_i e^{2γ},
 
 so a chain costs two exponentials (``e^{l₀ − m}`` and ``t₀``; ``e^{2γ}`` is per level) and L − 1 steps of
-the recurrence, and contributes ``Σ_i e_i`` and ``Σ_i e_i g_i = (Σ_i e_i) h + (Σ_i i e_i) PΔ``. Here m is
-the largest end log-term ``max(l₀, l_{L−1})`` over the listed chains, not the largest term, so the e_i
-stay ≤ e^{spread} with ``spread = (L − 1)|β| − (L − 1)²γ`` ≥ the span of a chain's log-terms. Rows whose
-spread reaches ``_SAFE_SPREAD`` = 600 nats (points far from the data at small σ) take every term by its
-own exponential instead. With e^{l₀ − m} clamped at e^{−700}, a chain whose start lies further below m
-than that carries at most e^{−700 + 600} of the total; nothing overflows.
+the recurrence, and contributes ``Σ_i e_i`` and ``Σ_i e_i g_i = (Σ_i e_i) h + (Σ_i i e_i) PΔ``.
+
+The reference m is not the row's largest term (a maximum does not vectorise) but a bound ``top`` of every
+log-term: at a shared level the largest ``log φ − ½ log D − log 2π`` over the chains, for a row with its own
+level the largest log φ (the factor D^{−½} is applied after the exponentials), so every e_i ≤ 1. A row
+takes this single vectorised pass when every chain's ``spread = (L − 1)|β| − (L − 1)²γ`` (≥ the span of its
+log-terms) is below ``_SAFE_SPREAD`` = 300 nats and Σ_i e_i ≥ e^{−300}. Then nothing is clamped but
+possibly e^{l₀ − top} at e^{−700}, for a chain whose terms all lie below top − 400, i.e. ≤ 8e^{−100} of the
+row's total. Other rows (points far from every listed component at small σ, or branches whose components
+are far apart relative to their width) take a scalar pass for their exact largest term M and then every
+term by its own exponential ``e^{max(l_i − M, −700)}``.
 
 Which chains a row visits comes from per-cell candidate lists (:func:`candidate_lists`, CSR) or is every
 chain. The exponentials are vectorisable polynomials, unlike libm's exp: :func:`_exp_wide`,
@@ -104,9 +109,9 @@ def _exp_wide(d: float) -> float:
 _EXP_CLAMP = 700.0
 """Exponents are clamped to [−700, 700] (inside the range of :func:`_exp_wide`)."""
 _SAFE_SPREAD = 300.0
-"""Rows with a chain whose log-terms may span this many nats or more take the direct sum."""
+"""Rows with a chain whose log-terms may span this many nats or more take the direct sum (module docstring)."""
 _UNDERFLOW = 300.0
-"""Rows whose largest term lies more than about this many nats below the bound ``top`` take the direct sum."""
+"""Rows whose terms sum to less than e^{−300} of the bound ``top`` take the direct sum (module docstring)."""
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -278,11 +283,50 @@ def _row_run(length: int, shared: bool):
 
 
 _run_8s, _run_8o, _run_1s, _run_1o = (_row_run(length, shared) for length in (8, 1) for shared in (True, False))
+
+
+def _mixture_rows(length: int):
+    """:func:`mixture_rows` for chains of ``length`` (compiled on first use of that length, cached on disk: the
+    row runs are module globals and ``length`` a constant, so the cache key is stable and the other length's
+    branch is pruned before compilation)."""
+
+    @numba.njit(fastmath=_FASTMATH, cache=True, error_model="numpy")
+    def rows(x, var, cell, offsets, flat, dense, log_w, mx, my, dx, dy, a, b, c, det, out):
+        n_chains, n = log_w.shape[0], x.shape[0]
+        const, p00, p01, p11 = np.empty(n_chains), np.empty(n_chains), np.empty(n_chains), np.empty(n_chains)
+        q0, q1, gam, ratio2 = np.empty(n_chains), np.empty(n_chains), np.empty(n_chains), np.empty(n_chains)
+        top_own = log_w.max()
+        start = 0
+        while start < n:
+            v = var[start]
+            end = start + 1
+            while end < n and var[end] == v:
+                end += 1
+            shared = end - start >= 16
+            top = _level_terms(v, log_w, dx, dy, a, b, c, det, const, p00, p01, p11, q0, q1, gam, ratio2) if shared \
+                else top_own
+            if length == 8 and shared:
+                _run_8s(x, start, end, v, top, cell, offsets, flat, dense, mx, my, dx, dy, log_w, a, b, c, det, const,
+                        p00, p01, p11, q0, q1, gam, ratio2, out)
+            elif length == 8:
+                _run_8o(x, start, end, v, top, cell, offsets, flat, dense, mx, my, dx, dy, log_w, a, b, c, det, const,
+                        p00, p01, p11, q0, q1, gam, ratio2, out)
+            elif shared:
+                _run_1s(x, start, end, v, top, cell, offsets, flat, dense, mx, my, dx, dy, log_w, a, b, c, det, const,
+                        p00, p01, p11, q0, q1, gam, ratio2, out)
+            else:
+                _run_1o(x, start, end, v, top, cell, offsets, flat, dense, mx, my, dx, dy, log_w, a, b, c, det, const,
+                        p00, p01, p11, q0, q1, gam, ratio2, out)
+            start = end
+
+    return rows
+
+
 CHAIN_LENGTHS = (8, 1)
 """Chain lengths the kernels are compiled for: the fractal's branches of 8, and single components."""
+_ROWS = {length: _mixture_rows(length) for length in CHAIN_LENGTHS}
 
 
-@numba.njit(fastmath=_FASTMATH, cache=True, error_model="numpy")
 def mixture_rows(x, var, cell, offsets, flat, dense, length, log_w, mx, my, dx, dy, a, b, c, det, out):
     """log p and score (module docstring) of rows x [n, 2] at added variances var [n] into out [n, 3].
 
@@ -293,67 +337,9 @@ def mixture_rows(x, var, cell, offsets, flat, dense, length, log_w, mx, my, dx, 
     ≥ 16 such rows gets the per-chain constants once (:func:`_level_terms`); other rows compute them per
     chain, with the factor D^{−½} instead of a logarithm.
     """
-    n_chains, n = log_w.shape[0], x.shape[0]
-    const, p00, p01, p11 = np.empty(n_chains), np.empty(n_chains), np.empty(n_chains), np.empty(n_chains)
-    q0, q1, gam, ratio2 = np.empty(n_chains), np.empty(n_chains), np.empty(n_chains), np.empty(n_chains)
-    top_own = log_w.max()
-    start = 0
-    while start < n:
-        v = var[start]
-        end = start + 1
-        while end < n and var[end] == v:
-            end += 1
-        shared = end - start >= 16
-        top = _level_terms(v, log_w, dx, dy, a, b, c, det, const, p00, p01, p11, q0, q1, gam, ratio2) if shared \
-            else top_own
-        if length == 8 and shared:
-            _run_8s(x, start, end, v, top, cell, offsets, flat, dense, mx, my, dx, dy, log_w, a, b, c, det, const,
-                    p00, p01, p11, q0, q1, gam, ratio2, out)
-        elif length == 8:
-            _run_8o(x, start, end, v, top, cell, offsets, flat, dense, mx, my, dx, dy, log_w, a, b, c, det, const,
-                    p00, p01, p11, q0, q1, gam, ratio2, out)
-        elif shared:
-            _run_1s(x, start, end, v, top, cell, offsets, flat, dense, mx, my, dx, dy, log_w, a, b, c, det, const,
-                    p00, p01, p11, q0, q1, gam, ratio2, out)
-        else:
-            _run_1o(x, start, end, v, top, cell, offsets, flat, dense, mx, my, dx, dy, log_w, a, b, c, det, const,
-                    p00, p01, p11, q0, q1, gam, ratio2, out)
-        start = end
-
-
-@numba.njit(fastmath=_FASTMATH, cache=True)
-def chebyshev_rows(rel, visit, cells, index, coefficients, out, resolved):
-    """Evaluate one level of a tile interpolant (``toy2d.tiles``) at box coordinates rel [n, 2] ∈ [0, 1)².
-
-    ``index`` [cells²] maps a tile to its row of ``coefficients`` [rows, C, n, n] (−1: not on this level).
-    Rows are visited in the order ``visit`` (rows sorted by tile keep a tile's coefficients in cache); rows
-    already ``resolved`` are skipped; the others on this level get ``Σ_{k,m} a_{ckm} T_k(u) T_m(v)`` in
-    out [n, C] (T by the three-term recurrence ``T_{k+1} = 2u T_k − T_{k−1}``) and are marked resolved.
-    """
-    channels, order = coefficients.shape[1], coefficients.shape[2]
-    tx, ty = np.empty(order), np.empty(order)
-    for i in visit:
-        if resolved[i]:
-            continue
-        sx, sy = rel[i, 0] * cells, rel[i, 1] * cells
-        cx, cy = min(max(int(math.floor(sx)), 0), cells - 1), min(max(int(math.floor(sy)), 0), cells - 1)
-        r = index[cx * cells + cy]
-        if r < 0:
-            continue
-        u, w = 2.0 * (sx - cx) - 1.0, 2.0 * (sy - cy) - 1.0
-        tx[0], tx[1], ty[0], ty[1] = 1.0, u, 1.0, w
-        for k in range(2, order):
-            tx[k] = 2.0 * u * tx[k - 1] - tx[k - 2]
-            ty[k] = 2.0 * w * ty[k - 1] - ty[k - 2]
-        for ch in range(channels):
-            total = 0.0
-            for k in range(order):
-                inner = 0.0
-                for m in range(order):
-                    inner += coefficients[r, ch, k, m] * ty[m]
-                total += tx[k] * inner
-            out[i, ch] = total
-        resolved[i] = True
+    if length not in _ROWS:
+        raise ValueError(f"chain length must be one of {CHAIN_LENGTHS}, got {length}")
+    _ROWS[length](x, var, cell, offsets, flat, dense, log_w, mx, my, dx, dy, a, b, c, det, out)
 
 
 @numba.njit(cache=True)
