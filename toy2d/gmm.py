@@ -32,8 +32,8 @@ at σ = 0, ≈ 31 at σ = 0.05); the components left out each carry responsibili
 mass is ≤ K e⁻³⁰ of the total (log-density error ≤ 2e-10 for K ≈ 2000; score error ≤ K e⁻³⁰
 max_k ‖(Σ_k+vI)⁻¹(μ_k − x)‖ over the dropped k, whose Mahalanobis distances are large). Points off the
 grid, cells whose lists keep more than half the chains, and levels above the buckets sum over every chain.
-The lists of a bucket are built once ``_TABLE_ROWS`` rows have been requested in it and cached (≈ 0.07 s
-for K = 1016, ≈ 0.14 s for K = 2032).
+The lists of a bucket are built once ``_TABLE_ROWS`` rows have been requested in it and cached (≈ 0.035 s
+for K = 1016, ≈ 0.07 s for K = 2032).
 
 Multiplying the mixture by a Gaussian kernel ``N(y; c, λ² I)`` gives another mixture (the product
 distribution of mean-shift, ``ṗ(y | c) ∝ p(y) N(y; c, λ² I)``):
