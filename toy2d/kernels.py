@@ -198,18 +198,13 @@ def _chain_loop(gathered: bool, length: int, shared: bool):
     @numba.njit(fastmath=_FASTMATH, inline="always")
     def loop(x0, x1, v, idx, first, size, top, mx, my, dx, dy, log_w, a, b, c, det, const, p00, p01, p11, q0, q1,
              gam, ratio2):
+        """The single vectorised pass: two exponentials and the recurrence per chain (module docstring)."""
         s, s0, s1, plain, unsafe = 0.0, 0.0, 0.0, 0.0, 0.0
         for j in range(size):
             k = idx[first + j] if gathered else first + j
-            if shared:
-                d0, d1 = mx[k] - x0, my[k] - x1
-                h0 = p00[k] * d0 + p01[k] * d1
-                h1 = p01[k] * d0 + p11[k] * d1
-                l0 = const[k] - 0.5 * (d0 * h0 + d1 * h1)
-                beta, g, w0, w1, r = -(dx[k] * h0 + dy[k] * h1), gam[k], q0[k], q1[k], ratio2[k]
-            else:
-                l0, beta, g, h0, h1, w0, w1, scale = _own_terms(x0, x1, v, k, mx, my, dx, dy, log_w, a, b, c, det)
-                r = _exp_wide(max(2.0 * g, -_EXP_CLAMP))
+            l0, beta, g, h0, h1, w0, w1, scale = chain_terms(x0, x1, v, k, mx, my, dx, dy, log_w, a, b, c, det,
+                                                             const, p00, p01, p11, q0, q1, gam)
+            r = ratio2[k] if shared else _exp_wide(max(2.0 * g, -_EXP_CLAMP))
             unsafe += 1.0 if last * abs(beta) - last * last * g >= _SAFE_SPREAD else 0.0
             e = _exp_wide(max(l0 - top, -_EXP_CLAMP))
             t = _exp_wide(min(max(beta + g, -_EXP_CLAMP), _EXP_CLAMP))
