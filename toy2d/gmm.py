@@ -211,7 +211,7 @@ class GaussianMixture:
 
     def _table(self, bucket: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Candidate lists of σ bucket ``bucket`` (:func:`toy2d.kernels.candidate_lists`: CSR offsets, flat
-        component indices, dense-cell mask), built on first use and cached."""
+        chain indices, dense-cell mask), built on first use and cached."""
         if bucket not in self._tables:
             lo, size = self._grid_setup()
             s_lo = 0.0 if bucket == 0 else _SIGMA_FLOOR * _SIGMA_RATIO ** (bucket - 1)
@@ -245,20 +245,18 @@ class GaussianMixture:
         bucket = self._bucket_of(sig[:1] if shared else sig)
         x_np, chains = x_cpu.contiguous().numpy(), self._chain_params()
         for b in torch.unique(bucket).tolist():
-            rows = None if shared else torch.nonzero(bucket == b).squeeze(1).numpy()
-            count = n if shared else len(rows)
+            rows = slice(None) if shared else torch.nonzero(bucket == b).squeeze(1).numpy()  # a slice: no copies
+            x_b = x_np[rows]
             listed = b < _N_BUCKETS and len(self) >= _FAST_MIN_K
             if listed:
-                self._bucket_rows[b] = self._bucket_rows.get(b, 0) + count
-            x_b = x_np if shared else x_np[rows]
+                self._bucket_rows[b] = self._bucket_rows.get(b, 0) + len(x_b)
             if b in self._tables or (listed and self._bucket_rows[b] >= _TABLE_ROWS):
                 cells, table = self._cells(torch.from_numpy(x_b)).numpy(), self._table(b)
             else:  # σ beyond the listed buckets, a small mixture, or lists not yet worth building: every chain
-                cells, table = np.full(count, -1), self._no_table
-            part = out if shared else np.empty((count, 3))
-            kernels.mixture_rows(x_b, var if shared else var[rows], cells, *table, *chains, part)
-            if not shared:
-                out[rows] = part
+                cells, table = np.full(len(x_b), -1), self._no_table
+            part = np.empty((len(x_b), 3))
+            kernels.mixture_rows(x_b, var[rows], cells, *table, *chains, part)
+            out[rows] = part
         result = torch.from_numpy(out)
         if order is not None:
             result = torch.empty_like(result).index_copy_(0, order, result)
@@ -275,7 +273,8 @@ class GaussianMixture:
     def _chain_params(self) -> tuple:
         """(L, then per chain: log φ, μ₀x, μ₀y, Δx, Δy, a, b, c, det Σ as float64 numpy arrays)."""
         if self._chain_cache is None:
-            self._chain_cache = self._chain_split(8 if len(self) % 8 == 0 else 1)
+            length = kernels.CHAIN_LENGTHS[0]
+            self._chain_cache = self._chain_split(length if len(self) % length == 0 else 1)
         return self._chain_cache
 
     def _chain_split(self, length: int) -> tuple:
@@ -295,7 +294,8 @@ class GaussianMixture:
         return (length, *(t.contiguous().numpy() for t in arrays))
 
     def _kernel_params(self) -> tuple[np.ndarray, ...]:
-        """(log φ, μx, μy, a, b, c, det Σ) as contiguous float64 numpy arrays, the kernel's component inputs."""
+        """(log φ, μx, μy, a, b, c, det Σ) per component as contiguous float64 numpy arrays (the inputs of the
+        candidate-list bounds)."""
         if self._kernel_cache is None:
             self._kernel_cache = tuple(t.contiguous().numpy() for t in
                                        (self._log_w, self._mu[:, 0], self._mu[:, 1], self._a, self._b, self._c,
