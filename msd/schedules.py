@@ -36,6 +36,10 @@ class NoiseSchedule(ABC):
     def sigma(self, t: Tensor) -> Tensor:
         """σ(t), monotonically increasing in t, σ(0) = σ_min, σ(1) = σ_max."""
 
+    @abstractmethod
+    def time(self, sigma: Tensor) -> Tensor:
+        """Inverse of :meth:`sigma`: the normalised time t ∈ [0, 1] of a level (σ ≤ σ_min → 0, σ ≥ σ_max → 1)."""
+
     def grid(self, steps: int) -> Tensor:
         """Descending solver grid σ(1) = σ_0 > … > σ_{steps−1} = σ(0) followed by a final 0 (float64)."""
         if steps < 1:
@@ -55,6 +59,11 @@ class EDMSchedule(NoiseSchedule):
     def sigma(self, t: Tensor) -> Tensor:
         lo, hi = self.sigma_min ** (1 / self.rho), self.sigma_max ** (1 / self.rho)
         return (lo + t * (hi - lo)) ** self.rho
+
+    def time(self, sigma: Tensor) -> Tensor:
+        lo, hi = self.sigma_min ** (1 / self.rho), self.sigma_max ** (1 / self.rho)
+        root = torch.as_tensor(sigma, dtype=torch.float64).clamp(min=0.0) ** (1 / self.rho)
+        return ((root - lo) / (hi - lo)).clamp(0.0, 1.0)
 
 
 class VPSchedule(NoiseSchedule):
@@ -108,6 +117,10 @@ class VPSchedule(NoiseSchedule):
         lo = hi - 1
         frac = (log_sigma - self.log_sigmas[lo]) / (self.log_sigmas[hi] - self.log_sigmas[lo])
         return lo + frac
+
+    def time(self, sigma: Tensor) -> Tensor:
+        return self.timestep(torch.as_tensor(sigma, dtype=torch.float64).clamp(min=self.sigma_min)) / (
+            self.num_train_timesteps - 1)
 
 
 TIMESTEP_MODES = ("uniform", "annealed", "linear", "sqrt")

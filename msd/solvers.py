@@ -37,12 +37,32 @@ def solver_step(denoiser: Denoiser, x: Tensor, sigma: float, sigma_next: float, 
     return x_next
 
 
-def sample(denoiser: Denoiser, x: Tensor, sigmas: Tensor, solver: str = "euler") -> Tensor:
-    """Integrate the PF-ODE from ``sigmas[0]`` (``x`` is at that level) down the grid ``sigmas``."""
+def ddim_eta_step(denoiser: Denoiser, x: Tensor, sigma: float, sigma_next: float, eta: float,
+                  generator: torch.Generator | None) -> Tensor:
+    """One DDIM step with stochasticity η (VE units): with ``D = x − σ ε̂`` and
+    ``c = η·ancestral_std(σ_next, σ)``, ``x ← D + √(σ_next² − c²)·ε̂ + c·ξ``. η = 0 is the Euler step;
+    η = 1 is ancestral (DDPM-like) sampling. Both keep the marginals of the diffused density."""
+    d = denoiser.eps(x, as_sigma(sigma, x))
+    std = eta * ancestral_std(sigma_next, sigma)
+    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    return x - sigma * d + (sigma_next**2 - std**2) ** 0.5 * d + std * noise
+
+
+def sample(denoiser: Denoiser, x: Tensor, sigmas: Tensor, solver: str = "euler", eta: float = 0.0,
+           generator: torch.Generator | None = None) -> Tensor:
+    """Integrate the PF-ODE from ``sigmas[0]`` (``x`` is at that level) down the grid ``sigmas``;
+    ``eta > 0`` takes stochastic DDIM steps instead (Euler only)."""
     check_solver(solver)
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must be in [0, 1], got {eta}")
+    if eta > 0 and solver != "euler":
+        raise ValueError(f"eta > 0 takes stochastic DDIM (Euler) steps; solver must be 'euler', got {solver!r}")
     levels = [float(s) for s in sigmas]
     for sigma, sigma_next in zip(levels[:-1], levels[1:]):
-        x = solver_step(denoiser, x, sigma, sigma_next, solver)
+        if eta > 0:
+            x = ddim_eta_step(denoiser, x, sigma, sigma_next, eta, generator)
+        else:
+            x = solver_step(denoiser, x, sigma, sigma_next, solver)
     return x
 
 
