@@ -46,8 +46,10 @@ shapes-prior: venv
 bench: venv
 	$(PY) -m eval.bench_gmm
 
+# Every committed toy2d denoiser (fractal A, AB, A_weak; spiral, pinwheel and their _weak guides), one CPU thread;
+# a subset: make toy2d-weights TOY2D_MODELS="spiral pinwheel"
 toy2d-weights: venv
-	$(PY) -m experiments.train_toy2d
+	$(PY) -m experiments.train_toy2d $(TOY2D_MODELS)
 
 # Sweeps (conf/sweep/<TASK>_bandwidth|guidance.yaml, slurm/README.md): runs into outputs/sweeps/$(NAME)/, then
 # the table results/sweeps/$(NAME).csv (+ heat maps):

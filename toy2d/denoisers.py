@@ -37,9 +37,11 @@ from msd.denoiser import Denoiser, as_sigma, per_sample
 from toy2d.gmm import GaussianMixture
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-MODEL_NAMES = ("A", "AB", "A_weak")
-"""Committed models: the class-A model (4 × 64), the two-class CFG guide and the weak class-A
-autoguidance guide (both 4 × 32, trained briefly). Retrain with ``make toy2d-weights``."""
+MODEL_NAMES = ("A", "AB", "A_weak", "spiral", "spiral_weak", "pinwheel", "pinwheel_weak")
+"""Committed models: the fractal's class-A model (4 × 64), the two-class CFG guide and the weak class-A
+autoguidance guide (both 4 × 32, trained briefly); for spiral and pinwheel (``toy2d.datasets``, no classes)
+a main model ``<dataset>`` (4 × 64) and a weak autoguidance guide ``<dataset>_weak`` (4 × 32), trained the
+same way. Retrain with ``make toy2d-weights`` (``experiments.train_toy2d``)."""
 
 
 class ExactDenoiser(Denoiser):
