@@ -116,16 +116,18 @@ def mode_metrics(record: RunRecord) -> dict[str, float]:
     and ``modes``, the number of modes of the target.
 
     Computed from particles.npz and cached in ``<run>/mode_metrics.json``, keyed by the metric definitions'
-    version and a hash of the particles (a rerun or a new definition recomputes them).
+    version, the target (``task.dataset``, "fractal" for runs made before it existed, and ``task.target_class``)
+    and a hash of the particles (a rerun or a new definition recomputes them).
     """
-    key = {"version": MODE_METRICS_VERSION, "target_class": str(record.config.task.target_class),
+    key = {"version": MODE_METRICS_VERSION, "dataset": str(record.config.task.get("dataset", "fractal")),
+           "target_class": str(record.config.task.target_class),
            "particles_sha1": hashlib.sha1(record.particles.astype("float64").tobytes()).hexdigest()}
     cache = record.path / MODE_METRICS_FILE
     if cache.is_file():
         cached = json.loads(cache.read_text())
         if {k: cached.get(k) for k in key} == key and "modes" in cached.get("metrics", {}):
             return cached["metrics"]
-    evaluator = class_mode_metrics(key["target_class"])
+    evaluator = class_mode_metrics(key["target_class"], key["dataset"])
     metrics = {**evaluator(record.particles), "modes": len(evaluator.modes)}
     write_json(cache, {**key, "metrics": metrics})
     return metrics

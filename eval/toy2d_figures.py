@@ -1,7 +1,8 @@
 """The one figure builder of results/toy2d/: every figure there is redrawn from run directories.
 
 * ``figure_grid.png`` — the final particles of every grid run (``<runs-dir>/<setting>/<method>/``:
-  config.yaml, final.json, particles.npz), over the exact class-A density.
+  config.yaml, final.json, particles.npz), over the exact density of their target (class A of the fractal,
+  or ``task.dataset``'s mixture).
 * ``gradient_quality.png`` — from ``<studies-dir>/gradient_quality/gradient_quality.csv``.
 * ``landscape_<denoiser>.png`` — from ``<studies-dir>/landscapes_<denoiser>/{surfaces.npz, landscapes.csv}``.
 
@@ -18,7 +19,8 @@ import pandas as pd
 from eval import gradient_quality, landscapes
 from eval.figures import METHOD_COLUMNS, Canvas, DensityMap, RunRecord, find_runs, grid_figure
 from eval.io import save_figure
-from toy2d import fractal_gmm
+from toy2d import toy_mixture
+from toy2d.datasets import target_classes
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RUNS_DIR = REPO_ROOT / "outputs" / "toy2d_grid"
@@ -32,11 +34,13 @@ def grid_runs(runs_dir: Path) -> list[RunRecord]:
 
 
 def particles_grid(records: list[RunRecord]):
-    """Grid figure of the runs' final particles over the exact density of their target class."""
+    """Grid figure of the runs' final particles over the exact density of their target (``task.dataset``, the
+    fractal's ``task.target_class``), taken from the first run."""
     task = records[0].config.task
     canvas = Canvas(tuple(task.canvas.center), task.canvas.half_size)
-    density = DensityMap.compute(fractal_gmm(task.target_class), canvas, records[0].final["hdr_level"],
-                                 task.figure.resolution)
+    dataset = str(task.get("dataset", "fractal"))  # runs made before task.dataset existed: the fractal
+    density = DensityMap.compute(toy_mixture(dataset, target_classes(dataset, task.target_class)), canvas,
+                                 records[0].final["hdr_level"], task.figure.resolution)
     return grid_figure(records, density)
 
 

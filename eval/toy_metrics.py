@@ -1,4 +1,5 @@
-"""Metrics of 2D particles against the exact target density p (the class-A fractal mixture).
+"""Metrics of 2D particles against the exact target density p (the class-A fractal mixture, or the spiral /
+pinwheel of ``toy2d.datasets``: any ``toy2d.toy_mixture(dataset, classes)``).
 
 Per-iteration metrics (cheap, :class:`ToyEvaluator`):
 
@@ -326,12 +327,20 @@ def nearest_mode_distance(points, modes) -> float:
     return float(np.mean(distance))
 
 
-@functools.lru_cache(maxsize=4)
-def class_modes(target_class: str, bandwidth: float = MODE_BANDWIDTH) -> Tensor:
-    """Modes of the fractal class mixture at bandwidth λ (cached per class and λ)."""
-    from toy2d import fractal_gmm
+def class_modes(target_class: str, bandwidth: float = MODE_BANDWIDTH, dataset: str = "fractal") -> Tensor:
+    """Modes at bandwidth λ of the target of a toy task (``task.dataset``, ``task.target_class``): the fractal's
+    class ``target_class``, or the whole spiral / pinwheel (which have no classes; ``target_class`` is then not
+    used). Cached per (dataset, classes, λ)."""
+    from toy2d.datasets import target_classes
 
-    return find_modes(fractal_gmm(target_class), bandwidth)
+    return _dataset_modes(dataset, target_classes(dataset, target_class), float(bandwidth))
+
+
+@functools.lru_cache(maxsize=8)
+def _dataset_modes(dataset: str, classes: str, bandwidth: float) -> Tensor:
+    from toy2d import toy_mixture
+
+    return find_modes(toy_mixture(dataset, classes), bandwidth)
 
 
 class ModeMetrics:
@@ -360,9 +369,16 @@ class ModeMetrics:
         }
 
 
-@functools.lru_cache(maxsize=2)
-def class_mode_metrics(target_class: str) -> ModeMetrics:
-    """The :class:`ModeMetrics` of a fractal class with the default settings (cached)."""
-    from toy2d import fractal_gmm
+def class_mode_metrics(target_class: str, dataset: str = "fractal") -> ModeMetrics:
+    """The :class:`ModeMetrics` with the default settings of the target of a toy task (``task.dataset``,
+    ``task.target_class``; :func:`class_modes`). Cached per (dataset, classes)."""
+    from toy2d.datasets import target_classes
 
-    return ModeMetrics(fractal_gmm(target_class), modes=class_modes(target_class))
+    return _dataset_mode_metrics(dataset, target_classes(dataset, target_class))
+
+
+@functools.lru_cache(maxsize=4)
+def _dataset_mode_metrics(dataset: str, classes: str) -> ModeMetrics:
+    from toy2d import toy_mixture
+
+    return ModeMetrics(toy_mixture(dataset, classes), modes=_dataset_modes(dataset, classes, MODE_BANDWIDTH))

@@ -16,7 +16,8 @@ from msd.denoiser import Denoiser, GuidedDenoiser
 from msd.guidance import Guidance, available_guidances, build_guidance, require
 from msd.schedules import EDMSchedule
 from msd.solvers import SOLVERS
-from toy2d import ExactDenoiser, fractal_gmm, load_denoiser
+from toy2d import ExactDenoiser, load_denoiser, toy_mixture
+from toy2d.datasets import DATASETS, target_classes
 
 REFERENCE_SAMPLER = "ddim"
 """``guidance=ddim``: not a guidance but the PF-ODE sampling reference rows."""
@@ -24,6 +25,12 @@ DENOISERS = ("exact", "learned")
 GUIDES = ("cfg", "autoguidance")
 OPTIMIZERS = ("adam", "sgd")
 TARGET_CLASSES = ("A", "B")
+MODEL_ROLES = ("main", "cfg_guide", "autoguidance_guide")
+
+
+def task_dataset(task: DictConfig) -> str:
+    """``task.dataset`` (``toy2d.DATASETS``); "fractal" for the configs of runs made before it existed."""
+    return str(task.get("dataset", "fractal"))
 
 
 def guidance_names() -> tuple[str, ...]:
@@ -44,7 +51,13 @@ def check_task(task: DictConfig) -> None:
             (task.sigma_min, task.sigma_max))
     require(task.rho > 0, "task.rho", "> 0", task.rho)
     require(task.solver_steps >= 1, "task.solver_steps", ">= 1", task.solver_steps)
+    dataset = task_dataset(task)
+    require(dataset in DATASETS, "task.dataset", f"one of {DATASETS}", dataset)
     require(task.target_class in TARGET_CLASSES, "task.target_class", f"one of {TARGET_CLASSES}", task.target_class)
+    # spiral / pinwheel have no classes: target_class is not used, and must keep its default so that a run
+    # asking for class B of the spiral fails instead of silently scoring against the whole spiral
+    require(dataset == "fractal" or task.target_class == "A", "task.target_class",
+            f"A (its default) for task.dataset={dataset}, which has no classes", task.target_class)
     require(task.eval.n_reference >= 1, "task.eval.n_reference", ">= 1", task.eval.n_reference)
     require(0 < task.eval.hdr_mass < 1, "task.eval.hdr_mass", "in (0, 1)", task.eval.hdr_mass)
     require(task.figure.resolution >= 2, "task.figure.resolution", ">= 2", task.figure.resolution)
@@ -54,11 +67,23 @@ def noise_schedule(task: DictConfig) -> EDMSchedule:
     return EDMSchedule(task.sigma_min, task.sigma_max, task.rho)
 
 
-def _toy_model(denoiser_cfg: DictConfig, role: str) -> Denoiser:
-    """The exact mixture or the committed learned model named by ``denoiser.<role>``."""
-    name = denoiser_cfg[role]
-    if denoiser_cfg.name == "exact":
-        return ExactDenoiser(fractal_gmm(name))
+def toy_model_names(cfg: DictConfig) -> dict[str, str | None]:
+    """Per role (:data:`MODEL_ROLES`), the classes of the exact mixture or the name of the committed learned
+    model, None where there is none. The fractal takes them from ``denoiser.<role>``; spiral and pinwheel,
+    which have no classes, always use their whole mixture (exact) or the models ``<dataset>`` and
+    ``<dataset>_weak`` (learned, ``toy2d.denoisers.MODEL_NAMES``), and have no CFG guide."""
+    dataset = task_dataset(cfg.task)
+    if dataset == "fractal":
+        return {role: cfg.denoiser[role] for role in MODEL_ROLES}
+    if cfg.denoiser.name == "exact":
+        return {"main": target_classes(dataset, cfg.task.target_class), "cfg_guide": None, "autoguidance_guide": None}
+    return {"main": dataset, "cfg_guide": None, "autoguidance_guide": f"{dataset}_weak"}
+
+
+def _toy_model(cfg: DictConfig, name: str) -> Denoiser:
+    """The exact mixture of ``task.dataset`` restricted to classes ``name``, or the committed learned model ``name``."""
+    if cfg.denoiser.name == "exact":
+        return ExactDenoiser(toy_mixture(task_dataset(cfg.task), name))
     return load_denoiser(name)
 
 
@@ -69,14 +94,20 @@ def build_denoiser(cfg: DictConfig) -> Denoiser:
     require(cfg.guide in GUIDES, "guide", f"one of {GUIDES}", cfg.guide)
     interval = cfg.guidance_interval
     require(interval is None or len(interval) == 2, "guidance_interval", "null or [sigma_lo, sigma_hi]", interval)
-    main = _toy_model(cfg.denoiser, "main")
-    if float(cfg.guidance_scale) == 1.0:
+    dataset, names = task_dataset(cfg.task), toy_model_names(cfg)
+    guided = float(cfg.guidance_scale) != 1.0
+    require(not guided or dataset == "fractal" or cfg.guide == "autoguidance", "guide",
+            f"'autoguidance' (or guidance_scale=1) for task.dataset={dataset}, which has no classes and so no "
+            "CFG guide", cfg.guide)
+    main = _toy_model(cfg, names["main"])
+    if not guided:
         return main
     guide_role = "cfg_guide" if cfg.guide == "cfg" else "autoguidance_guide"
-    if cfg.denoiser[guide_role] is None:
+    if names[guide_role] is None:
         raise ValueError(f"guide={cfg.guide!r} needs denoiser.{guide_role}, which denoiser={cfg.denoiser.name!r} "
-                         f"does not have (use denoiser=learned for autoguidance, or guide=cfg)")
-    return GuidedDenoiser(main, _toy_model(cfg.denoiser, guide_role), float(cfg.guidance_scale),
+                         f"does not have (use denoiser=learned for autoguidance"
+                         f"{', or guide=cfg' if dataset == 'fractal' else ''})")
+    return GuidedDenoiser(main, _toy_model(cfg, names[guide_role]), float(cfg.guidance_scale),
                           tuple(interval) if interval is not None else None)
 
 

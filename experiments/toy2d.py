@@ -1,5 +1,6 @@
 """Toy 2D driver: particles on a grid over the canvas, optimised by a guidance against the exact
-class-A density (or, for ``guidance=ddim``, the PF-ODE sampling reference).
+density of ``task.dataset`` (the fractal's class ``task.target_class``, or the spiral / pinwheel; or, for
+``guidance=ddim``, the PF-ODE sampling reference).
 
 Per step k: ``out = guidance(x, k, generator)``; ``L = ½‖x − sg(out.target)‖²`` (mean over particles);
 one optimiser step; stop early when ``guidance.should_stop(k)``. Every ``task.metrics_every`` steps
@@ -24,13 +25,15 @@ from tqdm import tqdm
 from eval.figures import Canvas, DensityMap, scatter_figure
 from eval.io import write_npz
 from eval.toy_metrics import ToyEvaluator
-from experiments.builders import ReferenceSampler, Toy2DSetup, build_toy2d, method_label, noise_schedule
+from experiments.builders import (ReferenceSampler, Toy2DSetup, build_toy2d, method_label, noise_schedule,
+                                  task_dataset)
 from experiments.checkpoint import RunCheckpoint
 from experiments.loggers import RunLogger
 from experiments.outputs import finish_run
 from msd.guidance import Guidance, target_loss
 from msd.solvers import solver_evaluations, solver_step
-from toy2d import fractal_gmm
+from toy2d import toy_mixture
+from toy2d.datasets import target_classes
 
 build = build_toy2d
 """The driver interface of ``experiments.run``: ``build(cfg) -> setup``, then
@@ -42,15 +45,18 @@ OBJECTIVE = "nll"
 
 
 @functools.lru_cache(maxsize=4)
-def toy_evaluator(target_class: str, n_reference: int, seed: int, hdr_mass: float) -> ToyEvaluator:
-    """Evaluators are deterministic in their arguments: cached across the jobs of one multirun process."""
-    return ToyEvaluator(fractal_gmm(target_class), n_reference, seed, hdr_mass)
+def toy_evaluator(target_class: str, n_reference: int, seed: int, hdr_mass: float,
+                  dataset: str = "fractal") -> ToyEvaluator:
+    """Evaluators are deterministic in their arguments: cached across the jobs of one multirun process.
+    ``target_class`` selects the fractal's class; the other datasets score against their whole mixture."""
+    return ToyEvaluator(toy_mixture(dataset, target_classes(dataset, target_class)), n_reference, seed, hdr_mass)
 
 
 @functools.lru_cache(maxsize=4)
 def density_map(target_class: str, center: tuple[float, float], half_size: float, hdr_level: float,
-                resolution: int) -> DensityMap:
-    return DensityMap.compute(fractal_gmm(target_class), Canvas(center, half_size), hdr_level, resolution)
+                resolution: int, dataset: str = "fractal") -> DensityMap:
+    mixture = toy_mixture(dataset, target_classes(dataset, target_class))
+    return DensityMap.compute(mixture, Canvas(center, half_size), hdr_level, resolution)
 
 
 def canvas_grid(center: tuple[float, float], half_size: float, grid_size: int) -> Tensor:
@@ -175,14 +181,15 @@ def run(cfg: DictConfig, setup: Toy2DSetup, run_dir: Path, logger: RunLogger, ch
     optimisation resumes from ``checkpoint``; the reference sampler (a few ms) simply reruns."""
     start = time.perf_counter()
     task = cfg.task
+    dataset = task_dataset(task)
     evaluator = toy_evaluator(task.target_class, int(task.eval.n_reference), int(task.eval.reference_seed),
-                              float(task.eval.hdr_mass))
+                              float(task.eval.hdr_mass), dataset)
     device = torch.device(cfg.device)
     generator = torch.Generator(device).manual_seed(int(cfg.seed))
     center, half_size = (float(task.canvas.center[0]), float(task.canvas.center[1])), float(task.canvas.half_size)
     history = History(int(task.save_every))
     method, scale = method_label(cfg.guidance), float(cfg.guidance_scale)
-    label = f"{method}/{cfg.denoiser.name}/w={scale:g}"
+    label = f"{method}/{cfg.denoiser.name}/w={scale:g}" + (f" ({dataset})" if dataset != "fractal" else "")
     if setup.guidance is None:
         outcome = sample_reference(setup.denoiser, setup.reference, task.grid_size**2, task, generator,
                                    evaluator, history, logger)
@@ -205,7 +212,8 @@ def run(cfg: DictConfig, setup: Toy2DSetup, run_dir: Path, logger: RunLogger, ch
     }
     write_npz(run_dir / "particles.npz", particles=outcome.particles.cpu().numpy(),
               trajectory=np.stack(history.snapshots), trajectory_steps=np.array(history.snapshot_steps))
-    density = density_map(task.target_class, center, half_size, evaluator.hdr_level, int(task.figure.resolution))
+    density = density_map(task.target_class, center, half_size, evaluator.hdr_level, int(task.figure.resolution),
+                          dataset)
     figure = scatter_figure(density, outcome.particles.cpu().numpy(), f"{label}: NLL {final['nll']:.2f}, "
                             f"in-HDR {final['in_hdr']:.2f}")
     return finish_run(run_dir, final, history.rows, "scatter", figure, logger, start)
