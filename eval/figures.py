@@ -14,8 +14,9 @@ from matplotlib.colors import LinearSegmentedColormap
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 
-METHOD_COLUMNS = ("ddim", "sds", "vsd", "sdi", "msd", "msd_exact")
-METHOD_TITLES = {"ddim": "DDIM (reference)", "sds": "SDS", "vsd": "VSD", "sdi": "SDI", "msd": "MSD (eq. 12 ODE)",
+METHOD_COLUMNS = ("ddim", "sds", "vsd", "sdi", "msd", "msd_tweedie", "msd_ode", "msd_exact")
+METHOD_TITLES = {"ddim": "DDIM (reference)", "sds": "SDS", "vsd": "VSD", "sdi": "SDI",
+                 "msd": "MSD (product PF-ODE)", "msd_tweedie": "MSD (tweedie)", "msd_ode": "MSD (eq. 12 ODE)",
                  "msd_exact": "MSD (exact product)"}
 DENSITY_CMAP = LinearSegmentedColormap.from_list("light_orange", ["#ffffff", "#fdd9b5", "#f4a460"])
 PARTICLE_COLOR = "#1b2a49"

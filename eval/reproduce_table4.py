@@ -2,7 +2,7 @@
 (``make reproduce-table4 PRIOR=shapes``).
 
 Rows: the DDIM reference (the prior's own samples of the same prompts) and the guidances SDS, VSD, SDI, MSD with
-the stable product sampler (eq. 15, ``msd_stable``) and MSD with the ODE sampler (eq. 12, ``msd``), each one
+the stable product sampler (eq. 15, ``msd_stable``) and MSD with the ODE sampler (eq. 12, ``msd_ode``), each one
 Hydra run ``python -m experiments.run experiment=<preset> guidance=<t2d_x> hydra.run.dir=<runs-dir>/<method>``
 (presets: ``table4_shapes`` for ShapesWorld on this CPU, ``table4`` for Stable Diffusion 2.1-base / 1.5 on a
 GPU node, which also needs ``task.eval.inception_path=<TorchScript InceptionV3>``). The DDIM row runs first and
@@ -41,7 +41,7 @@ from msd.priors import PriorNotFoundError, locate_prior
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GUIDANCES = {"ddim": "t2d_ddim", "sds": "t2d_sds", "vsd": "t2d_vsd", "sdi": "t2d_sdi", "msd_stable": "t2d_msd",
-             "msd": "t2d_msd_ode"}
+             "msd_ode": "t2d_msd_ode"}
 """Method label (final.json ``method``) → guidance config."""
 PRESET_OVERRIDES = {"shapes": ["experiment=table4_shapes"], "sd21": ["experiment=table4"],
                     "sd15": ["experiment=table4", "prior=sd15"]}
@@ -50,7 +50,7 @@ QUICK_OVERRIDES = ['task.prompts=["a red circle","a green square","a blue triang
                    "task.images_per_prompt=2", "task.steps=60", "task.eval.every=10",
                    "task.eval.reference_per_prompt=16", "task.solver_steps=8"]
 """``--quick`` (ShapesWorld only): 4 prompts × 2 images, 60 iterations, 8-step product samplers (≈ 5 minutes)."""
-COST_ORDER = ("msd_stable", "msd", "sdi", "vsd", "sds")
+COST_ORDER = ("msd_stable", "msd_ode", "sdi", "vsd", "sds")
 """Longest runs first, so that the parallel workers finish together."""
 README_MARKERS = ("<!-- table4-shapes:start -->", "<!-- table4-shapes:end -->")
 PROTOCOL_KEYS = ("prior", "task", "guidance_scale", "guidance_interval", "seed", "device")

@@ -71,7 +71,7 @@ def run_overrides(method: str, setting: tuple[str, str, float], extra: list[str]
             f"guidance_scale={scale:g}", *extra]
 
 
-COST_ORDER = ("msd", "sdi", "vsd", "msd_exact", "sds", "ddim")
+COST_ORDER = ("msd", "msd_ode", "sdi", "vsd", "msd_exact", "sds", "msd_tweedie", "ddim")
 """Longest runs first (measured), so that parallel workers finish together."""
 
 

@@ -29,11 +29,11 @@ from experiments.text2d import image_grid_figure
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PRIORS = ("shapes", "sd21", "sd15")
 REFERENCE_METHOD = "ddim"
-METHOD_ORDER = ("ddim", "sds", "vsd", "sdi", "msd_stable", "msd")
+METHOD_ORDER = ("ddim", "sds", "vsd", "sdi", "msd_stable", "msd_ode")
 METHOD_TITLES = {"ddim": "DDIM (reference)", "sds": "SDS", "vsd": "VSD", "sdi": "SDI",
-                 "msd_stable": "MSD (eq. 15 stable)", "msd": "MSD (eq. 12 ODE)"}
+                 "msd_stable": "MSD (eq. 15 stable)", "msd_ode": "MSD (eq. 12 ODE)"}
 METHOD_COLORS = {"ddim": "#444444", "sds": "#1f77b4", "vsd": "#2ca02c", "sdi": "#9467bd",
-                 "msd_stable": "#ff7f0e", "msd": "#d62728"}
+                 "msd_stable": "#ff7f0e", "msd_ode": "#d62728"}
 CURVE_PANELS = {"fid": "FID vs DDIM reference", "fid_true": "FID vs true renders",
                 "prompt_accuracy": "prompt accuracy"}
 

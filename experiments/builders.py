@@ -120,10 +120,10 @@ class ReferenceSampler:
 
 
 def method_label(guidance_cfg: DictConfig) -> str:
-    """The row label of a run: the guidance name, with MSD's product sampler when it is not the
-    paper's ODE (``msd_exact``, ``msd_stable``)."""
-    sampler = guidance_cfg.get("sampler", "ode")
-    return guidance_cfg.name if guidance_cfg.name != "msd" or sampler == "ode" else f"msd_{sampler}"
+    """The row label of a run: the guidance name, with MSD's product sampler when it is not the default
+    ``product_ode`` (``msd_tweedie``, ``msd_ode``, ``msd_stable``, ``msd_exact``)."""
+    sampler = guidance_cfg.get("sampler", "product_ode")
+    return guidance_cfg.name if guidance_cfg.name != "msd" or sampler == "product_ode" else f"msd_{sampler}"
 
 
 def build_reference_sampler(guidance_cfg: DictConfig) -> ReferenceSampler:

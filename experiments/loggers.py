@@ -5,7 +5,7 @@ figures; the tracker is a view on the same numbers.
 
 Every W&B run carries the metadata the dashboards (``eval.dashboards``) select runs by: its group (the sweep
 ``sweep/<name>``, else the paper preset such as ``toy2d`` or ``table4_shapes``, else the task), its job type
-(the method: ``ddim``, ``sds``, ``vsd``, ``sdi``, ``msd``, ``msd_stable``, ``msd_exact``) and ``key:value``
+(the method: ``ddim``, ``sds``, ``vsd``, ``sdi``, ``msd``, ``msd_tweedie``, ``msd_ode``, ``msd_stable``, ``msd_exact``) and ``key:value``
 tags (``task:``, ``denoiser:`` or ``prior:``, ``guide:``, and ``sweep:`` in a sweep). conf/logger/wandb.yaml
 spells them with the resolvers registered here. A run directory keeps its W&B run id in ``wandb/run_id``: the
 same command in the same run directory (a resumed run) continues that W&B run.

@@ -80,7 +80,7 @@ class MSDGuidance(Guidance):
 
     def __init__(self, denoiser: Denoiser, sampler: str = "product_ode", lambda0: float = math.sqrt(0.1),
                  lambda_min: float = 0.01, lambda_end: float = 0.0, schedule: str = "linear",
-                 total_steps: int = 150, num_samples: int = 1, solver_steps: int = 32, solver: str = "euler",
+                 total_steps: int = 150, num_samples: int = 1, solver_steps: int = 33, solver: str = "heun",
                  eta: float = 0.0, noise_schedule: NoiseSchedule | None = None, kernel_center: str = "noise_scaled",
                  kernel_interval: tuple[float, float] | None = None, kernel_time: str = "sigma_sq_half",
                  kernel_time_scale: float = 1.0):

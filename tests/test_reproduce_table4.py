@@ -20,7 +20,7 @@ from eval.table4_figures import build_all  # noqa: E402
 from tests.tiny_sd import build_tiny_prior, build_tiny_shapes_prior  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-METHODS = ["ddim", "sds", "vsd", "sdi", "msd_stable", "msd"]
+METHODS = ["ddim", "sds", "vsd", "sdi", "msd_stable", "msd_ode"]
 FIGURES = {"fid_vs_iter.png", "fid_vs_compute.png", *(f"images_{m}.png" for m in METHODS)}
 
 
