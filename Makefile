@@ -6,7 +6,7 @@ export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE ?= offline
 export PYTHONHASHSEED := 0
 
-.PHONY: venv test test-slurm reproduce reproduce-toy2d reproduce-table4 reproduce-table4-quick toy2d-weights shapes-prior bench \
+.PHONY: venv test test-slurm reproduce reproduce-toy2d reproduce-toy2d-studies reproduce-table4 reproduce-table4-quick toy2d-weights shapes-prior bench \
 	sweep-bandwidth sweep-guidance dashboards clean
 PRIOR ?= sd21
 
@@ -25,10 +25,15 @@ test: venv
 test-slurm: venv
 	WANDB_MODE=disabled slurm/test_sweep.sh
 
-reproduce: reproduce-toy2d reproduce-table4-quick
+reproduce: reproduce-toy2d reproduce-toy2d-studies reproduce-table4-quick
 
+# The fractal toy table (results/toy2d/metrics.*, figure_grid.png, README block): <= 5 minutes on 2 cores
 reproduce-toy2d: venv
 	$(PY) -m eval.reproduce_toy2d
+
+# The toy studies: product-sampler fidelity (picks MSD's default), gradient quality, loss landscapes
+reproduce-toy2d-studies: venv
+	$(PY) -m eval.product_fidelity
 	$(PY) -m eval.gradient_quality
 	$(PY) -m eval.landscapes
 	$(PY) -m eval.toy2d_figures

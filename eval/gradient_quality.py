@@ -15,8 +15,11 @@ query; an estimate with N samples is the mean of a disjoint group of N draws (M 
   ``var_nmse`` = the per-N variance part (nmse ≈ bias_nmse + var_nmse).
 * ``nfe``: denoiser evaluations per query for one N-sample estimate (the exact sampler costs 0).
 
-Methods: MSD with the ``ode`` (eq. 12), ``stable`` (eq. 15) samplers (solver steps 4–32, Euler) and the
-toy's ``exact`` product sampler (exact denoiser only); SDS (t ~ U[0.02, 0.98], w = σ²/(1+σ²)); SDI
+Methods: MSD with the ``product_ode`` sampler (the product distribution's PF-ODE, with the solver of
+``conf/guidance/msd.yaml``, the default chosen by ``eval.product_fidelity``), the deterministic ``tweedie``
+target D(x, λ) (1 evaluation; exact mean shift with the ideal denoiser), the paper-literal ``ode`` (eq. 12)
+and ``stable`` (eq. 15) samplers (Euler, kernel time σ²/2), each at solver steps 4–32, and the toy's
+``exact`` product sampler (exact denoiser only); SDS (t ~ U[0.02, 0.98], w = σ²/(1+σ²)); SDI
 (10 inversion steps, t ~ U[0.02, 0.98], not annealed); VSD with the *ideal* particle model of particles
 spread uniformly over the canvas (their start): ε̂_φ is the exact ε of the uniform square noised to σ,
 so ``target − x = w(σ)(ε̂_q − ε̂_p)`` (VSD's own first step is exactly 0 since ε̂_φ starts as the prior).
@@ -35,6 +38,7 @@ import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 import baselines  # noqa: F401
@@ -49,6 +53,8 @@ CANVAS_CENTER = (0.3, 0.3)
 CANVAS_HALF = 1.2
 LAMBDAS = (math.sqrt(0.1), 0.1)
 SOLVER_STEPS = (4, 8, 16, 32)
+DEFAULT_PRODUCT_SOLVER = str(OmegaConf.load(Path(__file__).resolve().parent.parent / "conf/guidance/msd.yaml").solver)
+"""The default MSD preset's solver (chosen by eval.product_fidelity) for the ``product_ode`` rows."""
 OUT_DIR = Path("results/toy2d")
 STUDY_DIR = Path("outputs/toy2d_studies")
 COLUMNS = ["method", "denoiser", "lambda", "solver_steps", "num_samples", "nfe", "queries", "repeats",
@@ -97,8 +103,12 @@ def exact_mean_shift(mixture, x: Tensor, lam: float) -> Tensor:
 
 
 def pool_msd(denoiser, sampler: str, x: Tensor, lam: float, pool: int, solver_steps: int, gen) -> tuple[Tensor, int]:
-    """[pool, n, 2] independent draws of y − x (one product sample each) and the nfe per sample."""
-    g = MSDGuidance(denoiser, sampler=sampler, lambda0=lam, num_samples=pool, solver_steps=solver_steps)
+    """[pool, n, 2] independent draws of y − x (one product sample each) and the nfe per sample
+    (``tweedie``: its one deterministic draw)."""
+    solver = DEFAULT_PRODUCT_SOLVER if sampler == "product_ode" else "euler"
+    pool = 1 if sampler == "tweedie" else pool
+    g = MSDGuidance(denoiser, sampler=sampler, lambda0=lam, num_samples=pool, solver_steps=max(solver_steps, 1),
+                    solver=solver)
     with torch.no_grad():
         y = g.product_samples(x, lam, gen)
     return y - x, g.evaluations_per_estimate() // pool
@@ -160,7 +170,7 @@ def rows_for(method: str, den_name: str, lam: float, steps, draws: Tensor, nfe_o
 
 def run_study(n_samples: int = 256, n_canvas: int = 256, msd_pool: int = 8, cheap_pool: int = 64,
               sdi_pool: int = 16, lambdas=LAMBDAS, solver_steps=SOLVER_STEPS, denoisers=("exact", "learned"),
-              samplers=("ode", "stable"), baselines_on: bool = True, seed: int = 0) -> pd.DataFrame:
+              samplers=("product_ode", "tweedie", "ode", "stable"), baselines_on: bool = True, seed: int = 0) -> pd.DataFrame:
     torch.set_num_threads(1)
     mixture = fractal_gmm("A")
     x, labels = query_set(mixture, n_samples, n_canvas, seed)
@@ -176,7 +186,7 @@ def run_study(n_samples: int = 256, n_canvas: int = 256, msd_pool: int = 8, chea
         for den_name in denoisers:
             den = models[den_name]
             for sampler in samplers:
-                for steps in solver_steps:
+                for steps in (solver_steps if sampler != "tweedie" else (0,)):
                     draws, nfe = pool_msd(den, sampler, x, lam, msd_pool, steps, gen)
                     rows += rows_for(f"msd_{sampler}", den_name, lam, steps, draws, nfe, m, labels, counts)
             if baselines_on:
@@ -187,7 +197,7 @@ def run_study(n_samples: int = 256, n_canvas: int = 256, msd_pool: int = 8, chea
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-STYLE = {"msd_ode": "#1f77b4", "msd_stable": "#2ca02c", "msd_exact": "#d62728", "sds": "#7f7f7f",
+STYLE = {"msd_product_ode": "#17becf", "msd_tweedie": "#bcbd22", "msd_ode": "#1f77b4", "msd_stable": "#2ca02c", "msd_exact": "#d62728", "sds": "#7f7f7f",
          "sdi": "#9467bd", "vsd": "#ff7f0e"}
 
 
@@ -204,6 +214,12 @@ def figure(frame: pd.DataFrame) -> Figure:
         for (method, den), g in fl.groupby(["method", "denoiser"]):
             ls = "-" if den == "exact" else "--"
             color = STYLE.get(method, "k")
+            if method == "msd_tweedie":
+                label = f"{method} ({den}, 1 nfe, NMSE {float(g.nmse.iloc[0]):.1e})"
+                ax_c.scatter(g.nfe, g.cos_median, color=color, marker="*" if den == "exact" else "P", label=label)
+                ax_n.scatter(g.nfe, g.nmse.clip(lower=1e-6), color=color, marker="*" if den == "exact" else "P",
+                             label=label)
+                continue
             if method.startswith("msd_") and method != "msd_exact":
                 top = g.solver_steps.max()
                 g32 = g[g.solver_steps == top].sort_values("nfe")  # N > 1 at the finest solver grid
@@ -222,7 +238,7 @@ def figure(frame: pd.DataFrame) -> Figure:
             label = f"{method} ({den})"
             ax_c.plot(g.nfe, g.cos_median, color=color, ls=ls, marker=".", label=label)
             ax_n.plot(g.nfe, y_n, color=color, ls=ls, marker=".", label=label)
-            if method in ("msd_ode", "msd_stable"):
+            if method in ("msd_product_ode", "msd_ode", "msd_stable"):
                 ax_b.plot(g32.num_samples, g32.nmse, color=color, marker="o", ls=ls, label=label)
                 ax_b.axhline(float(g32.bias_nmse.iloc[0]), color=color, ls=ls, lw=0.8, alpha=0.6)
         ax_c.set(xscale="log", xlabel="denoiser evaluations per query", ylabel="median cosine to λ²∇log p*_λ",

@@ -4,7 +4,8 @@ canvas, integrated by least squares into a potential φ (``∇_h φ ≈ g``), th
 * Field: 64 × 64 grid over the canvas (centre (0.3, 0.3), half-size 1.2), exact class-A mixture or learned
   denoiser, no guidance, λ ∈ {√0.1 (MSD's initial bandwidth), 0.1}, σ-range of SDS / VSD / SDI: t ~ U[0.02, 0.98] on the toy's
   EDM schedule (SDI *not* annealed: a fixed range, so the field is the expectation over it). M draws per
-  grid point: SDS, VSD, MSD-exact 32; SDI 8 (10 inversion steps each); MSD-ode 1 (deterministic, see README).
+  grid point: SDS, VSD, MSD-exact 32; SDI 8 (10 inversion steps each); MSD product_ode 16 (the default
+  sampler and solver of ``conf/guidance/msd.yaml``); MSD-tweedie and MSD-ode 1 (deterministic).
 * VSD has no fixed landscape (ε̂_φ follows the particles; its own first step is exactly 0 because ε̂_φ
   starts as the prior): we use the field with the *ideal* particle model of particles spread uniformly over
   the canvas (their start), ε̂_φ = exact ε of the noised uniform square (``eval.gradient_quality``).
@@ -38,7 +39,7 @@ import torch
 from matplotlib.figure import Figure
 from scipy.sparse.linalg import lsqr
 
-from eval.gradient_quality import CANVAS_CENTER, CANVAS_HALF, baseline_guidances
+from eval.gradient_quality import CANVAS_CENTER, CANVAS_HALF, DEFAULT_PRODUCT_SOLVER, baseline_guidances
 from eval.io import save_figure, write_csv, write_npz
 from eval.tracking import records, study_logger
 from msd.mean_shift import MSDGuidance
@@ -49,9 +50,10 @@ STUDY_DIR = Path("outputs/toy2d_studies")
 SURFACES_FILE = "surfaces.npz"
 COLUMNS = ["method", "denoiser", "lambda", "grid", "repeats", "nfe_per_point", "residual_ratio", "n_minima",
            "n_exact_modes", "mean_dist_to_mode", "mode_recall_dist", "corr_exact", "potential_rel_rms"]
-METHODS = ("sds", "sdi", "vsd", "msd_ode", "msd_exact")
+METHODS = ("sds", "sdi", "vsd", "msd_product_ode", "msd_tweedie", "msd_ode", "msd_exact")
 TITLES = {"exact": "exact −λ² log p*_λ", "exact_field": "exact field, integrated", "sds": "SDS", "sdi": "SDI",
-          "vsd": "VSD (ideal φ, uniform particles)", "msd_ode": "MSD (eq. 12 ODE)", "msd_exact": "MSD (exact product)"}
+          "vsd": "VSD (ideal φ, uniform particles)", "msd_product_ode": "MSD (product PF-ODE, default)",
+          "msd_tweedie": "MSD (tweedie D(x, λ))", "msd_ode": "MSD (eq. 12 ODE)", "msd_exact": "MSD (exact product)"}
 
 
 def grid_points(n: int = 64, center=CANVAS_CENTER, half: float = CANVAS_HALF) -> tuple[np.ndarray, np.ndarray, float]:
@@ -115,7 +117,9 @@ def _mean_nearest(a: np.ndarray, b: np.ndarray) -> float:
 def expected_field(method: str, denoiser, x: torch.Tensor, lam: float, repeats: int, gen) -> tuple[np.ndarray, int]:
     """Mean over ``repeats`` draws of target − x at every point [n, 2] and the nfe per draw."""
     if method.startswith("msd_"):
-        g = MSDGuidance(denoiser, sampler=method[4:], lambda0=lam, num_samples=repeats)
+        sampler = method[4:]
+        g = MSDGuidance(denoiser, sampler=sampler, lambda0=lam, num_samples=repeats,
+                        solver=DEFAULT_PRODUCT_SOLVER if sampler == "product_ode" else "euler")
         with torch.no_grad():
             y = g.product_samples(x, lam, gen).mean(0)
         return (y - x).double().numpy(), g.evaluations_per_estimate() // repeats
@@ -151,7 +155,8 @@ def run_landscapes(n: int = 64, lambdas=(math.sqrt(0.1), 0.1), denoiser_name: st
                    repeats: dict | None = None, seed: int = 0) -> tuple[pd.DataFrame, dict]:
     """Rows for every λ; SDS / SDI / VSD fields do not depend on λ and are computed once per denoiser."""
     torch.set_num_threads(1)
-    repeats = {"sds": 32, "vsd": 32, "sdi": 8, "msd_ode": 1, "msd_exact": 32, **(repeats or {})}
+    repeats = {"sds": 32, "vsd": 32, "sdi": 8, "msd_product_ode": 16, "msd_tweedie": 1, "msd_ode": 1, "msd_exact": 32,
+               **(repeats or {})}
     mixture = fractal_gmm("A")
     denoiser = ExactDenoiser(mixture) if denoiser_name == "exact" else load_denoiser("A")
     xs, ys, h = grid_points(n)
@@ -194,7 +199,7 @@ def figure(data: dict, frame: pd.DataFrame) -> Figure:
     xs, ys = data["xs"], data["ys"]
     lams = list(data["per_lambda"])
     first = data["per_lambda"][lams[0]]["surfaces"]
-    names = ["exact"] + [m for m in ("sds", "sdi", "vsd", "msd_ode", "msd_exact") if m in first]
+    names = ["exact"] + [m for m in METHODS if m in first]
     fig = Figure(figsize=(2.9 * len(names), 3.2 * len(lams)))
     axes = fig.subplots(len(lams), len(names), squeeze=False)
     for r, lam in enumerate(lams):
