@@ -49,11 +49,15 @@ def test_gradient_quality_csv_and_figure(tmp_path):
     frame = run_study(n_samples=8, n_canvas=8, msd_pool=2, cheap_pool=4, sdi_pool=2, lambdas=(0.1,),
                       solver_steps=(2, 4), denoisers=("learned",))
     assert list(frame.columns) == COLUMNS
-    assert set(frame.method) == {"msd_ode", "msd_stable", "sds", "sdi", "vsd"}
+    assert set(frame.method) == {"msd_product_ode", "msd_tweedie", "msd_ode", "msd_stable", "sds", "sdi", "vsd"}
     assert set(frame.queries) == {"all", "samples", "canvas"}
     ode = frame[(frame.method == "msd_ode") & (frame.num_samples == 1)]
     assert sorted(ode.nfe.unique()) == [2, 4]
     assert np.allclose(ode.var_nmse, 0.0)  # the ODE sampler is deterministic at λ = 0.1 (README)
+    product = frame[(frame.method == "msd_product_ode") & (frame.num_samples == 1)]
+    assert (product.var_nmse > 0.01).all()  # the product PF-ODE is a sampler: its draws vary
+    tweedie = frame[frame.method == "msd_tweedie"]
+    assert set(tweedie.nfe) == {1} and set(tweedie.num_samples) == {1}
     write_csv(tmp_path / "gradient_quality.csv", frame)
     assert list(pd.read_csv(tmp_path / "gradient_quality.csv").columns) == COLUMNS
     save_figure(tmp_path / "gradient_quality.png", figure(frame), dpi=40)

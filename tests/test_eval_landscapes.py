@@ -56,9 +56,9 @@ def test_local_minima_interior_8_neighbourhood():
 def test_landscapes_csv_and_figure(tmp_path):
     torch.manual_seed(0)
     frame, data = run_landscapes(n=12, lambdas=(0.1,), denoiser_name="learned",
-                                 repeats={"sds": 2, "vsd": 2, "sdi": 1})
+                                 repeats={"sds": 2, "vsd": 2, "sdi": 1, "msd_product_ode": 2})
     assert list(frame.columns) == COLUMNS
-    assert set(frame.method) == {"exact_field", "sds", "sdi", "vsd", "msd_ode"}
+    assert set(frame.method) == {"exact_field", "sds", "sdi", "vsd", "msd_product_ode", "msd_tweedie", "msd_ode"}
     assert frame.loc[frame.method == "exact_field", "residual_ratio"].iloc[0] < 0.05
     assert frame.residual_ratio.between(0, 1).all() and frame.corr_exact.between(-1, 1).all()
     write_csv(tmp_path / "landscapes.csv", frame)

@@ -88,9 +88,9 @@ def test_vsd_starts_at_zero_gradient_and_learns_the_particles(gaussian):
 def test_msd_stable_solver_limits(gaussian):
     """λ → 0 returns x (zero gradient); λ → ∞ is plain DDIM sampling from the same noise."""
     x = torch.randn(32, 2, generator=seeded(8))
-    tiny = MSDGuidance(gaussian, sampler="stable", lambda0=1e-4, lambda_min=0.0, solver_steps=16)
+    tiny = MSDGuidance(gaussian, sampler="stable", lambda0=1e-4, lambda_min=0.0, solver_steps=16, solver="euler")
     assert torch.allclose(tiny(x, 0, seeded(9)).target, x, atol=1e-5)
-    huge = MSDGuidance(gaussian, sampler="stable", lambda0=1e4, lambda_min=0.0, solver_steps=16)
+    huge = MSDGuidance(gaussian, sampler="stable", lambda0=1e4, lambda_min=0.0, solver_steps=16, solver="euler")
     sigmas = EDMSchedule().grid(16)
     ddim = sample(gaussian, float(sigmas[0]) * torch.randn(32, 2, generator=seeded(9)), sigmas)
     assert torch.allclose(huge(x, 0, seeded(9)).target, ddim, atol=1e-4)
@@ -100,11 +100,12 @@ def test_msd_ode_solver_limits_and_kernel_interval(gaussian):
     x = torch.randn(32, 2, generator=seeded(10))
     sigmas = EDMSchedule().grid(16)
     ddim = sample(gaussian, float(sigmas[0]) * torch.randn(32, 2, generator=seeded(11)), sigmas)
-    huge = MSDGuidance(gaussian, sampler="ode", lambda0=1e4, lambda_min=0.0, solver_steps=16)
+    huge = MSDGuidance(gaussian, sampler="ode", lambda0=1e4, lambda_min=0.0, solver_steps=16, solver="euler")
     assert torch.allclose(huge(x, 0, seeded(11)).target, ddim, atol=1e-4)
-    tiny = MSDGuidance(gaussian, sampler="ode", lambda0=1e-5, lambda_min=0.0, solver_steps=16)
+    tiny = MSDGuidance(gaussian, sampler="ode", lambda0=1e-5, lambda_min=0.0, solver_steps=16, solver="euler")
     assert torch.allclose(tiny(x, 0, seeded(11)).target, x, atol=1e-5)
-    never = MSDGuidance(gaussian, lambda0=0.3, kernel_interval=(50.0, 60.0), solver_steps=16)
+    never = MSDGuidance(gaussian, sampler="ode", lambda0=0.3, kernel_interval=(50.0, 60.0), solver_steps=16,
+                         solver="euler")
     assert torch.allclose(never(x, 0, seeded(11)).target, ddim, atol=1e-6)
 
 
@@ -112,18 +113,19 @@ def test_msd_kernel_centres():
     """For a VE-native model (α = 1) ``raw`` and ``noise_scaled`` coincide; for a VP model they differ."""
     ve = GaussianDenoiser([0.3, -0.2], 0.4)
     x = torch.randn(8, 2)
-    a = MSDGuidance(ve, kernel_center="raw", solver_steps=8)(x, 0, seeded(1)).target
-    b = MSDGuidance(ve, kernel_center="noise_scaled", solver_steps=8)(x, 0, seeded(1)).target
+    a = MSDGuidance(ve, sampler="ode", kernel_center="raw", solver_steps=8)(x, 0, seeded(1)).target
+    b = MSDGuidance(ve, sampler="ode", kernel_center="noise_scaled", solver_steps=8)(x, 0, seeded(1)).target
     assert torch.equal(a, b)
     vp = GaussianDenoiser([0.3, -0.2], 0.4)
     vp.vp = True
-    c = MSDGuidance(vp, kernel_center="raw", solver_steps=8)(x, 0, seeded(1)).target
-    d = MSDGuidance(vp, kernel_center="noise_scaled", solver_steps=8)(x, 0, seeded(1)).target
+    c = MSDGuidance(vp, sampler="ode", kernel_center="raw", solver_steps=8)(x, 0, seeded(1)).target
+    d = MSDGuidance(vp, sampler="ode", kernel_center="noise_scaled", solver_steps=8)(x, 0, seeded(1)).target
     assert not torch.allclose(c, d)
 
 
 def test_msd_bandwidth_schedule_and_termination(gaussian):
-    msd = MSDGuidance(gaussian, lambda0=math.sqrt(0.1), lambda_min=0.01, total_steps=150, solver_steps=4)
+    msd = MSDGuidance(gaussian, lambda0=math.sqrt(0.1), lambda_min=0.01, total_steps=150, solver_steps=4,
+                      solver="euler")
     out = msd(torch.zeros(4, 2), 75, seeded(0))
     assert math.isclose(out.aux["bandwidth"], math.sqrt(0.1) / 2)
     assert not msd.should_stop(140) and msd.should_stop(149)
@@ -155,6 +157,6 @@ def test_msd_ode_samplers_forget_their_initial_noise_at_small_bandwidth(gaussian
     property of eq. 12/15 in our conventions); at λ = 3 the seed matters."""
     x = torch.randn(16, 2, generator=seeded(3))
     for lam, same in ((math.sqrt(0.1), True), (3.0, False)):
-        msd = MSDGuidance(gaussian, sampler=sampler, lambda0=lam, solver_steps=16)
+        msd = MSDGuidance(gaussian, sampler=sampler, lambda0=lam, solver_steps=16, solver="euler")
         a, b = msd(x, 0, seeded(1)).target, msd(x, 0, seeded(2)).target
         assert torch.allclose(a, b, atol=1e-5) == same

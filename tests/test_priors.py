@@ -221,7 +221,8 @@ def test_msd_stable_solver_limits_on_the_tiny_pipeline(latent_prior):
     """λ → 0 returns x (zero gradient); λ → ∞ is plain DDIM sampling from the same noise."""
     denoiser = latent_prior.denoiser("the cat", guidance_scale=3.0)
     x = draw(latent_prior, 2, 11)
-    settings = dict(sampler="stable", lambda_min=0.0, solver_steps=4, noise_schedule=latent_prior.schedule)
+    settings = dict(sampler="stable", solver="euler", lambda_min=0.0, solver_steps=4,
+                    noise_schedule=latent_prior.schedule)
     tiny = MSDGuidance(denoiser, lambda0=1e-4, **settings)
     assert torch.allclose(tiny(x, 0, seeded(12)).target, x, atol=1e-5)
     huge = MSDGuidance(denoiser, lambda0=1e4, **settings)
