@@ -31,6 +31,7 @@ def compose_config(*overrides: str):
 @pytest.mark.parametrize("overrides", [
     ["guidance=ddim"], ["guidance=sds"], ["guidance=vsd"], ["guidance=sdi", "guidance.inversion_steps=2"],
     ["guidance=msd"], ["guidance=msd", "guidance.sampler=exact"], ["guidance=msd", "guidance.sampler=stable"],
+    ["guidance=msd_ode"], ["guidance=msd_tweedie"],
     ["guidance=msd", "guidance_scale=4"],
     ["guidance=sds", "denoiser=learned", "guide=autoguidance", "guidance_scale=3"],
     ["guidance=msd", "denoiser=learned", "guidance_scale=4"],
@@ -43,8 +44,8 @@ def test_tiny_run_writes_the_run_directory(tmp_path, overrides):
     assert not list(tmp_path.glob(".*.tmp")) and not (tmp_path / "wandb").exists()
     assert json.loads((tmp_path / "final.json").read_text()) == final
     assert FINAL_KEYS <= set(final) and final["method"] == method_label(cfg.guidance)
-    assert final["method"] == {"exact": "msd_exact", "stable": "msd_stable"}.get(cfg.guidance.get("sampler"),
-                                                                                  cfg.guidance.name)
+    labels = {"exact": "msd_exact", "stable": "msd_stable", "ode": "msd_ode", "tweedie": "msd_tweedie"}
+    assert final["method"] == labels.get(cfg.guidance.get("sampler"), cfg.guidance.name)
     assert np.isfinite(final["nll"]) and 0.0 <= final["in_hdr"] <= 1.0
     assert final["guide"] == ("none" if cfg.guidance_scale == 1 else cfg.guide)
     with np.load(tmp_path / "particles.npz") as saved:
@@ -58,10 +59,12 @@ def test_tiny_run_writes_the_run_directory(tmp_path, overrides):
 
 
 @pytest.mark.parametrize("overrides,seed_matters", [
-    # the ODE product sampler forgets its initial noise (damped by exp(−σ_max²/2λ²) ≈ 0), and the SDI
-    # preset is deterministic (linear t anneal, η = 0): the seed changes nothing for them
-    (["guidance=msd"], False), (["guidance=sdi"], False),
-    (["guidance=msd", "guidance.sampler=exact"], True), (["guidance=vsd"], True), (["guidance=sds"], True),
+    # the eq. 12 "sampler" forgets its initial noise (damped by exp(−σ_max²/2λ²) ≈ 0), tweedie and the SDI
+    # preset are deterministic (D(x, λ); linear t anneal, η = 0): the seed changes nothing for them. The default
+    # product_ode sampler is a sampler: the seed matters.
+    (["guidance=msd_ode"], False), (["guidance=msd_tweedie"], False), (["guidance=sdi"], False),
+    (["guidance=msd"], True), (["guidance=msd", "guidance.sampler=exact"], True), (["guidance=vsd"], True),
+    (["guidance=sds"], True),
 ])
 def test_same_seed_is_bitwise_identical(tmp_path, overrides, seed_matters):
     def trajectory(seed: int, name: str) -> np.ndarray:
