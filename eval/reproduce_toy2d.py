@@ -13,6 +13,14 @@ The guidance scales are EDM2's for this toy (Karras et al. 2024, reference/ancho
 CFG-style guide (a two-class model) with w = 4, the autoguidance guide (a weaker class-A model) with
 w = 3. The exact denoiser has no "weaker" model, so it gets no autoguidance row.
 
+``--dataset spiral|pinwheel`` (``make reproduce-toy2d-datasets``) runs the same grid on that dataset's mixture
+(``toy2d/datasets.py``; every run gets ``task.dataset=<dataset>``): these have no classes and hence no CFG guide,
+so the settings are exact unguided, learned (``<dataset>``) unguided and learned with autoguidance w = 3 (the
+weak ``<dataset>_weak`` guide). Runs go to ``outputs/toy2d_grid_<dataset>/``, results to
+``results/toy2d/<dataset>/`` and the table to the README block between ``<!-- toy2d-<dataset>-table:start -->``
+and ``<!-- toy2d-<dataset>-table:end -->`` (the fractal's: ``outputs/toy2d_grid/``, ``results/toy2d/``,
+``<!-- toy2d-table:start -->``).
+
 A finished run whose resolved config equals the one it would be started with now (ignoring
 ``experiments.checkpoint.RUN_INDEPENDENT_KEYS``) is reused and an interrupted one resumes from its checkpoint
 (``--force`` reruns it). Extra ``key=value`` arguments go to
@@ -34,14 +42,16 @@ import pandas as pd
 from eval.figures import METHOD_COLUMNS, RunRecord, setting_order
 from eval.io import save_figure, write_csv, write_json, write_text
 from eval.processes import is_done, prepare_rerun, run_in_workers
-from eval.toy2d_figures import grid_runs, particles_grid
+from eval.toy2d_figures import RESULTS_DIR, RUNS_DIR, dataset_results_dir, dataset_runs_dir, grid_runs, particles_grid
 from eval.tracking import records as records_of
 from eval.tracking import study_logger
 from eval.toy_metrics import (MMD_BANDWIDTHS, MODE_BANDWIDTH, MODE_METRICS_VERSION, MODE_N_REFERENCE, PR_K,
                               class_mode_metrics)
+from toy2d.datasets import DATASETS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 README_MARKERS = ("<!-- toy2d-table:start -->", "<!-- toy2d-table:end -->")
+"""The fractal table's README block; the other datasets' blocks: :func:`readme_markers`."""
 CFG_SCALE = 4.0
 AUTOGUIDANCE_SCALE = 3.0
 MODE_COLUMNS = ("precision", "recall", "mmd", "mode_distance")
@@ -50,11 +60,21 @@ TABLE_COLUMNS = ("method", "denoiser", "guide", "guidance_scale", "nll", "nll_me
 MODE_METRICS_FILE = "mode_metrics.json"
 
 
-def settings(denoisers: list[str]) -> list[tuple[str, str, float]]:
-    """(denoiser, guide, scale) of every row of the grid; guide 'cfg' at scale 1 means unguided."""
+def readme_markers(dataset: str) -> tuple[str, str]:
+    """The README lines that enclose the table of ``dataset``."""
+    if dataset == "fractal":
+        return README_MARKERS
+    return f"<!-- toy2d-{dataset}-table:start -->", f"<!-- toy2d-{dataset}-table:end -->"
+
+
+def settings(denoisers: list[str], dataset: str = "fractal") -> list[tuple[str, str, float]]:
+    """(denoiser, guide, scale) of every row of the grid; guide 'cfg' at scale 1 means unguided. Only the
+    fractal has classes, hence a CFG (class-AB) guide."""
     rows = []
     for denoiser in denoisers:
-        rows += [(denoiser, "cfg", 1.0), (denoiser, "cfg", CFG_SCALE)]
+        rows.append((denoiser, "cfg", 1.0))
+        if dataset == "fractal":
+            rows.append((denoiser, "cfg", CFG_SCALE))
         if denoiser == "learned":
             rows.append((denoiser, "autoguidance", AUTOGUIDANCE_SCALE))
     return rows
@@ -65,9 +85,13 @@ def setting_dir(runs_dir: Path, setting: tuple[str, str, float]) -> Path:
     return runs_dir / f"{denoiser}_{guide if scale != 1.0 else 'none'}_w{scale:g}"
 
 
-def run_overrides(method: str, setting: tuple[str, str, float], extra: list[str]) -> list[str]:
+def run_overrides(method: str, setting: tuple[str, str, float], extra: list[str],
+                  dataset: str = "fractal") -> list[str]:
+    """The run's overrides; ``task.dataset`` is set for every dataset but the default fractal (whose commands,
+    and so the reuse of its finished runs, stay as they were)."""
     denoiser, guide, scale = setting
-    return ["experiment=toy2d", f"guidance={method}", f"denoiser={denoiser}", f"guide={guide}",
+    data = [] if dataset == "fractal" else [f"task.dataset={dataset}"]
+    return ["experiment=toy2d", *data, f"guidance={method}", f"denoiser={denoiser}", f"guide={guide}",
             f"guidance_scale={scale:g}", *extra]
 
 
@@ -81,11 +105,12 @@ def expected_cost(job: tuple[tuple[str, str, float], str]) -> tuple:
     return (denoiser != "exact", scale == 1.0, rank)
 
 
-def run_jobs(runs_dir: Path, jobs: list[tuple[tuple[str, str, float], str]], extra: list[str], workers: int) -> None:
+def run_jobs(runs_dir: Path, jobs: list[tuple[tuple[str, str, float], str]], extra: list[str], workers: int,
+             dataset: str = "fractal") -> None:
     """Run every (setting, method) job into ``<runs-dir>/<setting>/<method>/``, longest first, in ``workers``
     single-threaded worker processes."""
     ordered = sorted(jobs, key=expected_cost)
-    run_in_workers([(run_overrides(method, setting, extra), setting_dir(runs_dir, setting) / method)
+    run_in_workers([(run_overrides(method, setting, extra, dataset), setting_dir(runs_dir, setting) / method)
                     for setting, method in ordered], workers)
 
 
@@ -104,19 +129,25 @@ def applicable(method: str, setting: tuple[str, str, float]) -> bool:
 
 
 def run_grid(runs_dir: Path, methods: list[str], denoisers: list[str], extra: list[str], force: bool,
-             workers: int = 1) -> None:
+             workers: int = 1, dataset: str = "fractal") -> None:
     jobs = []
-    for setting in settings(denoisers):
+    for setting in settings(denoisers, dataset):
         methods_here = [m for m in methods if applicable(m, setting)]
-        todo = [m for m in methods_here
-                if force or not is_done(setting_dir(runs_dir, setting) / m, run_overrides(m, setting, extra))]
+        todo = [m for m in methods_here if force or not is_done(setting_dir(runs_dir, setting) / m,
+                                                                 run_overrides(m, setting, extra, dataset))]
         reused = [m for m in methods_here if m not in todo]
         if reused:
             print(f"reusing finished runs {reused} in {setting_dir(runs_dir, setting)}", flush=True)
         for method in todo:
-            prepare_rerun(setting_dir(runs_dir, setting) / method, run_overrides(method, setting, extra), force)
+            prepare_rerun(setting_dir(runs_dir, setting) / method, run_overrides(method, setting, extra, dataset),
+                          force)
         jobs += [(setting, m) for m in todo]
-    run_jobs(runs_dir, jobs, extra, workers)
+    run_jobs(runs_dir, jobs, extra, workers, dataset)
+
+
+def run_dataset(record: RunRecord) -> str:
+    """``task.dataset`` of a run ("fractal" for runs made before it existed)."""
+    return str(record.config.task.get("dataset", "fractal"))
 
 
 def mode_metrics(record: RunRecord) -> dict[str, float]:
@@ -127,7 +158,7 @@ def mode_metrics(record: RunRecord) -> dict[str, float]:
     version, the target (``task.dataset``, "fractal" for runs made before it existed, and ``task.target_class``)
     and a hash of the particles (a rerun or a new definition recomputes them).
     """
-    key = {"version": MODE_METRICS_VERSION, "dataset": str(record.config.task.get("dataset", "fractal")),
+    key = {"version": MODE_METRICS_VERSION, "dataset": run_dataset(record),
            "target_class": str(record.config.task.target_class),
            "particles_sha1": hashlib.sha1(record.particles.astype("float64").tobytes()).hexdigest()}
     cache = record.path / MODE_METRICS_FILE
@@ -151,6 +182,8 @@ def metrics_table(records: list[RunRecord], root: Path) -> pd.DataFrame:
 
 
 def markdown_table(table: pd.DataFrame, reference: RunRecord) -> str:
+    """metrics.md: a note on the density the runs are scored against (``reference``'s ``task.dataset``: the
+    fractal's class A, or the spiral / pinwheel mixture), then the table."""
     shown = ["method", "denoiser", "guide", "guidance_scale", "nll", "nll_median", "in_hdr", *MODE_COLUMNS,
              "steps", "nfe", "seconds"]
     formats = {"nll": "{:.3f}", "nll_median": "{:.3f}", "in_hdr": "{:.3f}", "guidance_scale": "{:g}",
@@ -159,48 +192,74 @@ def markdown_table(table: pd.DataFrame, reference: RunRecord) -> str:
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     for _, row in table.iterrows():
         lines.append("| " + " | ".join(formats.get(c, "{}").format(row[c]) for c in shown) + " |")
+    dataset = run_dataset(reference)
+    if dataset == "fractal":
+        title, p = "# Toy 2D: particles vs the exact class-A density", "p_A"
+        mixture, guides = "", "cfg = class-AB guide; autoguidance = weak class-A guide"
+    else:
+        title, p = f"# Toy 2D, {dataset}: particles vs the exact {dataset} density", "p"
+        mixture = f" under p, the exact {dataset} mixture (toy2d/datasets.py)"
+        guides = (f"autoguidance = weak {dataset} model ({dataset}_weak); no CFG rows (the {dataset} has no "
+                  "classes)")
     notes = [
-        "# Toy 2D: particles vs the exact class-A density",
+        title,
         "",
-        "NLL: mean −log p_A (nats) of the final particles; nll_median: its median; in_hdr: fraction inside the "
-        f"exact 95% highest-density region (level = Monte-Carlo 5% quantile of log p_A over "
-        f"{reference.config.task.eval.n_reference} exact samples). Exact samples of p_A have NLL ≈ "
+        f"NLL: mean −log {p} (nats) of the final particles{mixture}; nll_median: its median; in_hdr: fraction "
+        f"inside the exact 95% highest-density region (level = Monte-Carlo 5% quantile of log {p} over "
+        f"{reference.config.task.eval.n_reference} exact samples). Exact samples of {p} have NLL ≈ "
         f"{reference.final['reference_nll']:.3f} (the entropy) and in_hdr = 0.95. "
         "seconds: wall time of the optimisation / sampling loop on this CPU (metrics excluded); "
-        "nfe: denoiser evaluations per particle. Guide 'none' = no guidance; cfg = class-AB guide; "
-        "autoguidance = weak class-A guide. precision / recall: improved precision and recall (k-NN "
-        f"manifolds, k = {PR_K}) against {MODE_N_REFERENCE} exact samples of p_A; mmd: biased MMD² with the "
-        f"mean of RBF kernels of bandwidths {', '.join(f'{h:g}' for h in MMD_BANDWIDTHS)}; mode_distance: "
-        f"mean distance to the nearest of the {mode_metrics(reference)['modes']:.0f} modes of "
-        f"p_A ∗ G_λ, λ = {MODE_BANDWIDTH:g} (definitions: README, eval/toy_metrics.py).",
+        f"nfe: denoiser evaluations per particle. Guide 'none' = no guidance; {guides}. precision / recall: "
+        f"improved precision and recall (k-NN manifolds, k = {PR_K}) against {MODE_N_REFERENCE} exact samples of "
+        f"{p}; mmd: biased MMD² with the mean of RBF kernels of bandwidths "
+        f"{', '.join(f'{h:g}' for h in MMD_BANDWIDTHS)}; mode_distance: mean distance to the nearest of the "
+        f"{mode_metrics(reference)['modes']:.0f} modes of {p} ∗ G_λ, λ = {MODE_BANDWIDTH:g} (definitions: README, "
+        "eval/toy_metrics.py).",
         "",
     ]
     return "\n".join(notes + lines) + "\n"
 
 
-def update_readme(readme: Path, table_md: str) -> None:
-    """Replace the README block between the toy2d-table markers with the regenerated table."""
+def update_readme(readme: Path, table_md: str, dataset: str = "fractal", figure: Path | None = None) -> None:
+    """Replace the README block between the table markers of ``dataset`` (:func:`readme_markers`) with the
+    regenerated table (without its title) and, if given, a link to ``figure`` (relative to the README)."""
+    markers = readme_markers(dataset)
     text = readme.read_text()
-    start, end = (text.index(marker) for marker in README_MARKERS)
+    missing = [marker for marker in markers if marker not in text]
+    if missing:
+        raise ValueError(f"{readme} lacks the marker(s) {missing}: add the lines {markers[0]} and {markers[1]} "
+                         "where the table belongs")
+    start, end = text.index(markers[0]) + len(markers[0]), text.index(markers[1])
+    if end < start:
+        raise ValueError(f"{readme}: {markers[1]} comes before {markers[0]}")
     body = table_md.split("\n", 2)[2]  # drop the Markdown title line and the blank line after it
-    write_text(readme, text[:start + len(README_MARKERS[0])] + "\n" + body + text[end:])
+    if figure is not None:
+        body += f"\n![{dataset} grid]({Path(os.path.relpath(figure, readme.resolve().parent)).as_posix()})\n"
+    write_text(readme, text[:start] + "\n" + body + text[end:])
 
 
-def write_results(runs_dir: Path, results_dir: Path) -> pd.DataFrame:
-    """metrics.csv / metrics.md / figure_grid.png from the run directories; the table and the figure also go
+def write_results(runs_dir: Path, results_dir: Path, dataset: str = "fractal",
+                  readme: Path | None = None) -> pd.DataFrame:
+    """metrics.csv / metrics.md / figure_grid.png from the run directories of ``dataset`` (runs of another
+    dataset there are an error) and, if ``readme`` is given, its table block; the table and the figure also go
     to a W&B summary run in ``<runs-dir>/summary``."""
     records = grid_runs(runs_dir)
     if not records:
         raise FileNotFoundError(f"no finished runs (final.json) under {runs_dir}")
+    found = sorted({run_dataset(r) for r in records})
+    if found != [dataset]:
+        raise ValueError(f"--dataset {dataset}: the runs under {runs_dir} are of task.dataset {found}")
     table = metrics_table(records, runs_dir)
     write_csv(results_dir / "metrics.csv", table)
     table_md = markdown_table(table, records[0])
     write_text(results_dir / "metrics.md", table_md)
-    if results_dir == REPO_ROOT / "results" / "toy2d":
-        update_readme(REPO_ROOT / "README.md", table_md)
+    if readme is not None:  # the fractal's figure link follows its block in the README
+        update_readme(readme, table_md, dataset, None if dataset == "fractal" else results_dir / "figure_grid.png")
     figure = particles_grid(records)
     save_figure(results_dir / "figure_grid.png", figure)
-    logger = study_logger(runs_dir / "summary", "toy2d-grid", {"study": "toy2d_grid", "runs": len(records)})
+    name = "toy2d-grid" if dataset == "fractal" else f"toy2d-grid-{dataset}"
+    logger = study_logger(runs_dir / "summary", name, {"study": "toy2d_grid", "dataset": dataset,
+                                                       "runs": len(records)})
     logger.log_table("toy2d_metrics", records_of(table))
     logger.log_figure("figure_grid", figure)
     logger.finish()
@@ -210,8 +269,15 @@ def write_results(runs_dir: Path, results_dir: Path) -> pd.DataFrame:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides passed to every run")
-    parser.add_argument("--runs-dir", type=Path, default=REPO_ROOT / "outputs" / "toy2d_grid")
-    parser.add_argument("--results-dir", type=Path, default=REPO_ROOT / "results" / "toy2d")
+    parser.add_argument("--dataset", choices=DATASETS, default="fractal",
+                        help="the toy mixture (task.dataset); default: fractal")
+    parser.add_argument("--runs-dir", type=Path, default=None,
+                        help="default: outputs/toy2d_grid (fractal), outputs/toy2d_grid_<dataset> (others)")
+    parser.add_argument("--results-dir", type=Path, default=None,
+                        help="default: results/toy2d (fractal), results/toy2d/<dataset> (others)")
+    parser.add_argument("--readme", type=Path, default=None,
+                        help="README whose table block of --dataset to replace (default: the repository's README "
+                             "when the results go to their default directory, else none)")
     parser.add_argument("--methods", default=",".join(METHOD_COLUMNS))
     parser.add_argument("--denoisers", default="exact,learned")
     parser.add_argument("--force", action="store_true", help="rerun finished runs too")
@@ -219,12 +285,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="runs in parallel, one thread each (default: min(2, CPU count))")
     args = parser.parse_args(argv)
+    if any(o.lstrip("+~").startswith("task.dataset=") for o in args.overrides):
+        parser.error("set the dataset with --dataset, not the override task.dataset=...")
     start = time.perf_counter()
-    runs_dir = args.runs_dir.resolve()
+    runs_dir = (args.runs_dir or dataset_runs_dir(RUNS_DIR, args.dataset)).resolve()
+    default_results = dataset_results_dir(RESULTS_DIR, args.dataset).resolve()
+    results_dir = (args.results_dir or default_results).resolve()
+    readme = args.readme or (REPO_ROOT / "README.md" if results_dir == default_results else None)
     if not args.aggregate_only:
         run_grid(runs_dir, args.methods.split(","), args.denoisers.split(","), args.overrides, args.force,
-                 max(1, args.jobs))
-    table = write_results(runs_dir, args.results_dir.resolve())
+                 max(1, args.jobs), args.dataset)
+    table = write_results(runs_dir, results_dir, args.dataset, readme)
     print(table.drop(columns=["run_dir"]).to_string(index=False))
     print(f"sum of run loop times: {table['seconds'].sum():.1f} s; "
           f"total wall time: {time.perf_counter() - start:.1f} s", flush=True)

@@ -2,7 +2,8 @@
 
 * ``figure_grid.png`` — the final particles of every grid run (``<runs-dir>/<setting>/<method>/``:
   config.yaml, final.json, particles.npz), over the exact density of their target (class A of the fractal,
-  or ``task.dataset``'s mixture).
+  or ``task.dataset``'s mixture); likewise ``<dataset>/figure_grid.png`` from ``<runs-dir>_<dataset>/`` for the
+  spiral and pinwheel grids (``python -m eval.reproduce_toy2d --dataset <dataset>``).
 * ``gradient_quality.png`` — from ``<studies-dir>/gradient_quality/gradient_quality.csv``.
 * ``landscape_<denoiser>.png`` — from ``<studies-dir>/landscapes_<denoiser>/{surfaces.npz, landscapes.csv}``.
 
@@ -20,12 +21,24 @@ from eval import gradient_quality, landscapes
 from eval.figures import METHOD_COLUMNS, Canvas, DensityMap, RunRecord, find_runs, grid_figure
 from eval.io import save_figure
 from toy2d import toy_mixture
-from toy2d.datasets import target_classes
+from toy2d.datasets import DATASETS, target_classes
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RUNS_DIR = REPO_ROOT / "outputs" / "toy2d_grid"
 STUDIES_DIR = REPO_ROOT / "outputs" / "toy2d_studies"
 RESULTS_DIR = REPO_ROOT / "results" / "toy2d"
+
+
+def dataset_runs_dir(runs_dir: Path, dataset: str) -> Path:
+    """The grid runs of ``dataset`` beside the fractal's ``runs_dir``: ``runs_dir`` itself for the fractal,
+    ``<runs_dir>_<dataset>`` for the others."""
+    return runs_dir if dataset == "fractal" else runs_dir.with_name(f"{runs_dir.name}_{dataset}")
+
+
+def dataset_results_dir(results_dir: Path, dataset: str) -> Path:
+    """The results of ``dataset``'s grid: ``results_dir`` for the fractal, ``<results_dir>/<dataset>`` for the
+    others."""
+    return results_dir if dataset == "fractal" else results_dir / dataset
 
 
 def grid_runs(runs_dir: Path) -> list[RunRecord]:
@@ -54,12 +67,16 @@ def landscape_figure(study_dir: Path):
 
 
 def build_all(runs_dir: Path = RUNS_DIR, studies_dir: Path = STUDIES_DIR, results_dir: Path = RESULTS_DIR) -> dict:
-    """Redraw every figure whose inputs exist; returns {figure file: source directory or None if skipped}."""
+    """Redraw every figure whose inputs exist; returns {figure file (relative to ``results_dir``): source
+    directory or None if skipped}."""
     built: dict[str, Path | None] = {}
-    records = grid_runs(runs_dir) if runs_dir.is_dir() else []
-    if records:
-        save_figure(results_dir / "figure_grid.png", particles_grid(records))
-    built["figure_grid.png"] = runs_dir if records else None
+    for dataset in DATASETS:
+        source = dataset_runs_dir(runs_dir, dataset)
+        target = dataset_results_dir(results_dir, dataset) / "figure_grid.png"
+        records = grid_runs(source) if source.is_dir() else []
+        if records:
+            save_figure(target, particles_grid(records))
+        built[str(target.relative_to(results_dir))] = source if records else None
     study = studies_dir / "gradient_quality"
     ok = (study / "gradient_quality.csv").is_file()
     if ok:
