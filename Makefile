@@ -1,4 +1,5 @@
-# make reproduce: every committed result; make test: the CPU test suite. Both create .venv first.
+# make reproduce: every committed result (but the spiral / pinwheel toy tables: make reproduce-toy2d-datasets);
+# make test: the CPU test suite. Both create .venv first.
 SHELL := /bin/bash
 PY := .venv/bin/python
 export HF_HUB_OFFLINE := 1
@@ -6,8 +7,8 @@ export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE ?= offline
 export PYTHONHASHSEED := 0
 
-.PHONY: venv test test-slurm reproduce reproduce-toy2d reproduce-toy2d-studies reproduce-table4 reproduce-table4-quick toy2d-weights shapes-prior bench \
-	sweep-bandwidth sweep-guidance dashboards clean
+.PHONY: venv test test-slurm reproduce reproduce-toy2d reproduce-toy2d-datasets reproduce-toy2d-studies \
+	reproduce-table4 reproduce-table4-quick toy2d-weights shapes-prior bench sweep-bandwidth sweep-guidance dashboards clean
 PRIOR ?= sd21
 
 venv: .venv/.installed
@@ -30,6 +31,11 @@ reproduce: reproduce-toy2d reproduce-toy2d-studies reproduce-table4-quick
 # The fractal toy table (results/toy2d/metrics.*, figure_grid.png, README block): <= 5 minutes on 2 cores
 reproduce-toy2d: venv
 	$(PY) -m eval.reproduce_toy2d
+
+# The same grid on the spiral and the pinwheel (no CFG rows: no classes): results/toy2d/<dataset>/, README blocks
+reproduce-toy2d-datasets: venv
+	$(PY) -m eval.reproduce_toy2d --dataset spiral
+	$(PY) -m eval.reproduce_toy2d --dataset pinwheel
 
 # The toy studies: product-sampler fidelity (picks MSD's default), gradient quality, loss landscapes
 reproduce-toy2d-studies: venv
