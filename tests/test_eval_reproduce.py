@@ -12,17 +12,18 @@ import pytest  # noqa: E402
 
 from eval.figures import find_runs  # noqa: E402
 from eval.io import write_text  # noqa: E402
-from eval.reproduce_toy2d import settings  # noqa: E402
-from eval.toy2d_figures import build_all  # noqa: E402
+from eval.reproduce_toy2d import main, readme_markers, settings, write_results  # noqa: E402
+from eval.toy2d_figures import RESULTS_DIR, RUNS_DIR, build_all, dataset_results_dir, dataset_runs_dir  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["task.grid_size=6", "task.steps=2", "task.solver_steps=3", "task.eval.n_reference=2000",
         "task.figure.resolution=16", "task.progress_bar=false", "logger=none"]
 
 
-def reproduce(tmp: Path, *args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "eval.reproduce_toy2d", "--runs-dir", str(tmp / "runs"),
-               "--results-dir", str(tmp / "results"), "--methods", "ddim,msd", "--denoisers", "learned", *args]
+def reproduce(tmp: Path, *args: str, runs: str = "runs", results: str = "results", methods: str = "ddim,msd",
+              denoisers: str = "learned") -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "eval.reproduce_toy2d", "--runs-dir", str(tmp / runs),
+               "--results-dir", str(tmp / results), "--methods", methods, "--denoisers", denoisers, *args]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "WANDB_MODE": "disabled"})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -79,3 +80,90 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
     with pytest.raises(TypeError):
         write_text(target, 123)  # fails inside the temporary file
     assert target.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["table.md"]
+
+
+# The spiral grid (--dataset spiral): no CFG rows; results and README block of its own.
+SPIRAL_TINY = ["task.grid_size=4", *TINY[1:]]
+SPIRAL_METHODS = "ddim,sds,msd_exact"
+
+
+@pytest.fixture(scope="module")
+def spiral_grid(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("spiral")
+    readme = tmp / "README.md"
+    (tmp / "README.orig.md").write_text((REPO / "README.md").read_text())
+    readme.write_text((tmp / "README.orig.md").read_text())  # README.orig.md: the reference (README.md may change)
+    result = reproduce(tmp, "--dataset", "spiral", "--readme", str(readme), *SPIRAL_TINY, runs="runs_spiral",
+                       results="results/spiral", methods=SPIRAL_METHODS, denoisers="exact,learned")
+    return tmp, result
+
+
+def test_dataset_grid_settings_have_no_cfg_row():
+    for dataset in ("spiral", "pinwheel"):
+        assert settings(["exact", "learned"], dataset) == [
+            ("exact", "cfg", 1.0), ("learned", "cfg", 1.0), ("learned", "autoguidance", 3.0)]
+    assert settings(["exact", "learned"], "fractal") == settings(["exact", "learned"])
+
+
+def test_dataset_grid_default_directories_and_markers():
+    assert dataset_runs_dir(RUNS_DIR, "fractal") == REPO / "outputs" / "toy2d_grid"
+    assert dataset_runs_dir(RUNS_DIR, "spiral") == REPO / "outputs" / "toy2d_grid_spiral"
+    assert dataset_results_dir(RESULTS_DIR, "fractal") == REPO / "results" / "toy2d"
+    assert dataset_results_dir(RESULTS_DIR, "pinwheel") == REPO / "results" / "toy2d" / "pinwheel"
+    assert readme_markers("fractal") == ("<!-- toy2d-table:start -->", "<!-- toy2d-table:end -->")
+    readme = (REPO / "README.md").read_text()
+    for dataset in ("spiral", "pinwheel"):
+        start, end = readme_markers(dataset)
+        assert start == f"<!-- toy2d-{dataset}-table:start -->" and end == f"<!-- toy2d-{dataset}-table:end -->"
+        assert readme.count(start) == readme.count(end) == 1 and readme.index(start) < readme.index(end)
+
+
+def test_bad_dataset_fails_naming_the_flag(capsys):
+    with pytest.raises(SystemExit) as error:
+        main(["--dataset", "moons"])
+    assert error.value.code == 2
+    message = capsys.readouterr().err
+    assert "--dataset" in message and "'moons'" in message
+    assert all(name in message for name in ("fractal", "spiral", "pinwheel"))
+    with pytest.raises(SystemExit):
+        main(["--dataset", "spiral", "task.dataset=pinwheel"])
+    assert "--dataset" in capsys.readouterr().err
+
+
+def test_spiral_grid_tables_figure_and_runs(spiral_grid):
+    tmp, result = spiral_grid
+    commands = [line for line in result.stdout.splitlines() if line.startswith("+ -m experiments.run")]
+    assert len(commands) == 7 and all(" task.dataset=spiral " in c for c in commands)
+    assert all(" guidance_scale=4 " not in c for c in commands)
+    table = pd.read_csv(tmp / "results" / "spiral" / "metrics.csv")
+    assert list(zip(table["method"], table["denoiser"], table["guide"], table["guidance_scale"])) == [
+        ("ddim", "exact", "none", 1.0), ("sds", "exact", "none", 1.0), ("msd_exact", "exact", "none", 1.0),
+        ("ddim", "learned", "none", 1.0), ("sds", "learned", "none", 1.0),
+        ("ddim", "learned", "autoguidance", 3.0), ("sds", "learned", "autoguidance", 3.0)]
+    assert "cfg" not in set(table["guide"])
+    assert table[["precision", "recall"]].apply(lambda c: c.between(0, 1)).all().all()
+    runs = find_runs(tmp / "runs_spiral")
+    assert len(runs) == 7 and {r.config.task.dataset for r in runs} == {"spiral"}
+    markdown = (tmp / "results" / "spiral" / "metrics.md").read_text()
+    assert markdown.startswith("# Toy 2D, spiral: particles vs the exact spiral density")
+    assert "nearest of the 64 modes of p ∗ G_λ" in markdown and "spiral_weak" in markdown
+    assert "p_A" not in markdown and "class-A" not in markdown and "class-AB" not in markdown
+    assert markdown.count("\n| ") == 8  # header + 7 rows
+    assert (tmp / "results" / "spiral" / "figure_grid.png").stat().st_size > 10_000
+    built = build_all(tmp / "runs", tmp / "no_studies", tmp / "redrawn")  # the fractal's runs dir is absent
+    assert built["figure_grid.png"] is None and built["spiral/figure_grid.png"] == tmp / "runs_spiral"
+    assert built["pinwheel/figure_grid.png"] is None
+    assert (tmp / "redrawn" / "spiral" / "figure_grid.png").stat().st_size > 10_000
+    with pytest.raises(ValueError, match=r"--dataset pinwheel: the runs under .* are of task.dataset \['spiral'\]"):
+        write_results(tmp / "runs_spiral", tmp / "elsewhere", "pinwheel")
+
+
+def test_spiral_grid_replaces_only_its_readme_block(spiral_grid):
+    tmp, _ = spiral_grid
+    original, updated = (tmp / "README.orig.md").read_text(), (tmp / "README.md").read_text()
+    start, end = readme_markers("spiral")
+    block = updated[updated.index(start) + len(start):updated.index(end)]
+    body = (tmp / "results" / "spiral" / "metrics.md").read_text().split("\n", 2)[2]
+    assert block == "\n" + body + "\n![spiral grid](results/spiral/figure_grid.png)\n"
+    assert updated[:updated.index(start)] == original[:original.index(start)]  # the fractal block included
+    assert updated[updated.index(end):] == original[original.index(end):]  # the pinwheel block included
