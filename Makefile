@@ -32,7 +32,8 @@ reproduce: reproduce-toy2d reproduce-toy2d-studies reproduce-table4-quick
 reproduce-toy2d: venv
 	$(PY) -m eval.reproduce_toy2d
 
-# The same grid on the spiral and the pinwheel (no CFG rows: no classes): results/toy2d/<dataset>/, README blocks
+# The same grid on the spiral and the pinwheel (no CFG rows: no classes): results/toy2d/<dataset>/, README blocks;
+# ~8 minutes on 2 cores, hence not part of make reproduce
 reproduce-toy2d-datasets: venv
 	$(PY) -m eval.reproduce_toy2d --dataset spiral
 	$(PY) -m eval.reproduce_toy2d --dataset pinwheel
