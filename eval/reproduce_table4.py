@@ -31,7 +31,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig
 
-from eval.io import write_csv, write_text
+from eval.io import replace_block, write_csv, write_text
 from eval.processes import compose_run_config, is_done, prepare_rerun, run_processes
 from eval.table4_figures import (PRIORS, REFERENCE_METHOD, Table4Run, build_figures, default_results_dir,
                                  default_runs_dir, find_table4_runs, reference_run)
@@ -178,19 +178,6 @@ def readme_block(table_md: str, results_dir: Path) -> str:
     return body + "\n" + "\n".join(figures) + "\n"
 
 
-def replace_readme_block(readme: Path, markers: tuple[str, str], body: str) -> None:
-    """Replace the text between the two marker lines of ``readme`` with ``body``."""
-    text = readme.read_text()
-    missing = [marker for marker in markers if marker not in text]
-    if missing:
-        raise ValueError(f"{readme} lacks the marker(s) {missing}: add the lines {markers[0]} and {markers[1]} "
-                         "where the table belongs")
-    start, end = text.index(markers[0]) + len(markers[0]), text.index(markers[1])
-    if end < start:
-        raise ValueError(f"{readme}: {markers[1]} comes before {markers[0]}")
-    write_text(readme, text[:start] + "\n" + body + text[end:])
-
-
 def write_results(prior: str, runs_dir: Path, results_dir: Path, update_readme: bool) -> list[Table4Run]:
     """fid_vs_iter.csv, table4.md and the figures from the run directories (and the W&B summary run)."""
     runs = find_table4_runs(runs_dir)
@@ -203,7 +190,7 @@ def write_results(prior: str, runs_dir: Path, results_dir: Path, update_readme: 
     write_text(results_dir / "table4.md", table_md)
     figures = build_figures(runs, results_dir)
     if update_readme:
-        replace_readme_block(REPO_ROOT / "README.md", README_MARKERS, readme_block(table_md, results_dir))
+        replace_block(REPO_ROOT / "README.md", README_MARKERS, readme_block(table_md, results_dir))
     logger = study_logger(runs_dir / "summary", f"table4-{prior}", {"study": "table4", "prior": prior,
                                                                    "runs": len(runs)}, group="table4")
     logger.log_table("table4", [{"method": run.method, **{k: run.final.get(k) for k in TABLE_COLUMNS}} for run in runs])

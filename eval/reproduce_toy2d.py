@@ -40,7 +40,7 @@ from pathlib import Path
 import pandas as pd
 
 from eval.figures import METHOD_COLUMNS, RunRecord, setting_order
-from eval.io import save_figure, write_csv, write_json, write_text
+from eval.io import replace_block, save_figure, write_csv, write_json, write_text
 from eval.processes import is_done, prepare_rerun, run_in_workers
 from eval.toy2d_figures import RESULTS_DIR, RUNS_DIR, dataset_results_dir, dataset_runs_dir, grid_runs, particles_grid
 from eval.tracking import records as records_of
@@ -223,19 +223,10 @@ def markdown_table(table: pd.DataFrame, reference: RunRecord) -> str:
 def update_readme(readme: Path, table_md: str, dataset: str = "fractal", figure: Path | None = None) -> None:
     """Replace the README block between the table markers of ``dataset`` (:func:`readme_markers`) with the
     regenerated table (without its title) and, if given, a link to ``figure`` (relative to the README)."""
-    markers = readme_markers(dataset)
-    text = readme.read_text()
-    missing = [marker for marker in markers if marker not in text]
-    if missing:
-        raise ValueError(f"{readme} lacks the marker(s) {missing}: add the lines {markers[0]} and {markers[1]} "
-                         "where the table belongs")
-    start, end = text.index(markers[0]) + len(markers[0]), text.index(markers[1])
-    if end < start:
-        raise ValueError(f"{readme}: {markers[1]} comes before {markers[0]}")
     body = table_md.split("\n", 2)[2]  # drop the Markdown title line and the blank line after it
     if figure is not None:
         body += f"\n![{dataset} grid]({Path(os.path.relpath(figure, readme.resolve().parent)).as_posix()})\n"
-    write_text(readme, text[:start] + "\n" + body + text[end:])
+    replace_block(readme, readme_markers(dataset), body)
 
 
 def write_results(runs_dir: Path, results_dir: Path, dataset: str = "fractal",

@@ -15,7 +15,8 @@ os.environ["WANDB_MODE"] = "disabled"
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-from eval.reproduce_table4 import GUIDANCES, main, replace_readme_block  # noqa: E402
+from eval.io import replace_block  # noqa: E402
+from eval.reproduce_table4 import GUIDANCES, main  # noqa: E402
 from eval.table4_figures import build_all  # noqa: E402
 from tests.tiny_sd import build_tiny_prior, build_tiny_shapes_prior  # noqa: E402
 
@@ -108,8 +109,8 @@ def test_readme_block_is_replaced_between_markers(tmp_path):
     markers = ("<!-- a:start -->", "<!-- a:end -->")
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{markers[0]}\nold\n{markers[1]}\noutro\n")
-    replace_readme_block(readme, markers, "new\n")
+    replace_block(readme, markers, "new\n")
     assert readme.read_text() == f"intro\n{markers[0]}\nnew\n{markers[1]}\noutro\n"
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="lacks the marker"):
-        replace_readme_block(readme, markers, "new\n")
+        replace_block(readme, markers, "new\n")
