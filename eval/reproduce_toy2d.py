@@ -1,8 +1,9 @@
 """Reproduce the toy 2D grid: ``python -m eval.reproduce_toy2d`` (``make reproduce-toy2d``).
 
-Runs {ddim, sds, vsd, sdi, msd} × {exact, learned} × {no guidance, CFG w = 4 with the class-AB guide},
-plus autoguidance (w = 3, the weak class-A guide) for the learned denoiser and MSD with exact product
-sampling (``msd_exact``, the reference for MSD's ODE sampler; exact unguided mixture only), each exactly as
+Runs {ddim, sds, vsd, sdi, msd, msd_tweedie} × {exact, learned} × {no guidance, CFG w = 4 with the class-AB
+guide}, plus autoguidance (w = 3, the weak class-A guide) for the learned denoiser, and in the exact unguided
+setting only MSD with exact product sampling (``msd_exact``, the reference for MSD's product sampler) and the
+eq. 12 ablation (``msd_ode``); each exactly as
 ``python -m experiments.run <overrides> hydra.run.dir=<runs-dir>/<denoiser>_<guide>_w<scale>/<method>/``
 would run it (the command is printed), in ``--jobs`` long-lived single-threaded worker processes, then writes ``<results-dir>/metrics.csv``,
 ``metrics.md`` and ``figure_grid.png`` from those run directories. The mode metrics (precision, recall,
