@@ -137,11 +137,10 @@ def run_study(denoisers=("exact", "learned", "exact_cfg", "learned_cfg"), lambda
                     nfe = 0
                 else:
                     msd = sampler_for(den, sampler, label, steps, eta, kernel_time)
+                    queries = x32 if sampler == "tweedie" else rows_x  # tweedie: one deterministic point per centre
                     with torch.no_grad():
-                        draws = msd.product_samples(rows_x, lam, gen)[0].reshape(len(x), n_samples, 2)
+                        draws = msd.product_samples(queries, lam, gen)[0].reshape(len(x), -1, 2)
                     nfe = msd.evaluations_per_estimate()
-                    if sampler == "tweedie":
-                        draws = draws[:, :1]
                 seconds = time.perf_counter() - start
                 for i, kind in enumerate(kinds):
                     rows.append({"denoiser": den_name, "lambda": lam, "sampler": sampler, "variant": label,

@@ -48,7 +48,7 @@ from eval.tracking import records as records_of
 from eval.tracking import study_logger
 from eval.toy_metrics import (MMD_BANDWIDTHS, MODE_BANDWIDTH, MODE_METRICS_VERSION, MODE_N_REFERENCE, PR_K,
                               class_mode_metrics)
-from toy2d.datasets import DATASETS
+from toy2d.datasets import DATASETS, task_dataset
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 README_MARKERS = ("<!-- toy2d-table:start -->", "<!-- toy2d-table:end -->")
@@ -145,11 +145,6 @@ def run_grid(runs_dir: Path, methods: list[str], denoisers: list[str], extra: li
     run_jobs(runs_dir, jobs, extra, workers, dataset)
 
 
-def run_dataset(record: RunRecord) -> str:
-    """``task.dataset`` of a run ("fractal" for runs made before it existed)."""
-    return str(record.config.task.get("dataset", "fractal"))
-
-
 def mode_metrics(record: RunRecord) -> dict[str, float]:
     """precision / recall / mmd / mode_distance of a run's final particles (``eval.toy_metrics.ModeMetrics``)
     and ``modes``, the number of modes of the target.
@@ -158,7 +153,7 @@ def mode_metrics(record: RunRecord) -> dict[str, float]:
     version, the target (``task.dataset``, "fractal" for runs made before it existed, and ``task.target_class``)
     and a hash of the particles (a rerun or a new definition recomputes them).
     """
-    key = {"version": MODE_METRICS_VERSION, "dataset": run_dataset(record),
+    key = {"version": MODE_METRICS_VERSION, "dataset": task_dataset(record.config.task),
            "target_class": str(record.config.task.target_class),
            "particles_sha1": hashlib.sha1(record.particles.astype("float64").tobytes()).hexdigest()}
     cache = record.path / MODE_METRICS_FILE
@@ -192,7 +187,7 @@ def markdown_table(table: pd.DataFrame, reference: RunRecord) -> str:
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     for _, row in table.iterrows():
         lines.append("| " + " | ".join(formats.get(c, "{}").format(row[c]) for c in shown) + " |")
-    dataset = run_dataset(reference)
+    dataset = task_dataset(reference.config.task)
     if dataset == "fractal":
         title, p = "# Toy 2D: particles vs the exact class-A density", "p_A"
         mixture, guides = "", "cfg = class-AB guide; autoguidance = weak class-A guide"
@@ -237,7 +232,7 @@ def write_results(runs_dir: Path, results_dir: Path, dataset: str = "fractal",
     records = grid_runs(runs_dir)
     if not records:
         raise FileNotFoundError(f"no finished runs (final.json) under {runs_dir}")
-    found = sorted({run_dataset(r) for r in records})
+    found = sorted({task_dataset(r.config.task) for r in records})
     if found != [dataset]:
         raise ValueError(f"--dataset {dataset}: the runs under {runs_dir} are of task.dataset {found}")
     table = metrics_table(records, runs_dir)

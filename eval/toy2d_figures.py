@@ -20,8 +20,7 @@ import pandas as pd
 from eval import gradient_quality, landscapes
 from eval.figures import METHOD_COLUMNS, Canvas, DensityMap, RunRecord, find_runs, grid_figure
 from eval.io import save_figure
-from toy2d import toy_mixture
-from toy2d.datasets import DATASETS, target_classes
+from toy2d.datasets import DATASETS, target_mixture, task_dataset
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RUNS_DIR = REPO_ROOT / "outputs" / "toy2d_grid"
@@ -51,8 +50,7 @@ def particles_grid(records: list[RunRecord]):
     fractal's ``task.target_class``), taken from the first run."""
     task = records[0].config.task
     canvas = Canvas(tuple(task.canvas.center), task.canvas.half_size)
-    dataset = str(task.get("dataset", "fractal"))  # runs made before task.dataset existed: the fractal
-    density = DensityMap.compute(toy_mixture(dataset, target_classes(dataset, task.target_class)), canvas,
+    density = DensityMap.compute(target_mixture(task_dataset(task), task.target_class), canvas,
                                  records[0].final["hdr_level"], task.figure.resolution)
     return grid_figure(records, density)
 

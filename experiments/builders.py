@@ -17,7 +17,7 @@ from msd.guidance import Guidance, available_guidances, build_guidance, require
 from msd.schedules import EDMSchedule
 from msd.solvers import SOLVERS
 from toy2d import ExactDenoiser, load_denoiser, toy_mixture
-from toy2d.datasets import DATASETS, target_classes
+from toy2d.datasets import DATASETS, target_classes, task_dataset
 
 REFERENCE_SAMPLER = "ddim"
 """``guidance=ddim``: not a guidance but the PF-ODE sampling reference rows."""
@@ -26,11 +26,6 @@ GUIDES = ("cfg", "autoguidance")
 OPTIMIZERS = ("adam", "sgd")
 TARGET_CLASSES = ("A", "B")
 MODEL_ROLES = ("main", "cfg_guide", "autoguidance_guide")
-
-
-def task_dataset(task: DictConfig) -> str:
-    """``task.dataset`` (``toy2d.DATASETS``); "fractal" for the configs of runs made before it existed."""
-    return str(task.get("dataset", "fractal"))
 
 
 def guidance_names() -> tuple[str, ...]:

@@ -25,15 +25,13 @@ from tqdm import tqdm
 from eval.figures import Canvas, DensityMap, scatter_figure
 from eval.io import write_npz
 from eval.toy_metrics import ToyEvaluator
-from experiments.builders import (ReferenceSampler, Toy2DSetup, build_toy2d, method_label, noise_schedule,
-                                  task_dataset)
+from experiments.builders import ReferenceSampler, Toy2DSetup, build_toy2d, method_label, noise_schedule
 from experiments.checkpoint import RunCheckpoint
 from experiments.loggers import RunLogger
 from experiments.outputs import finish_run
 from msd.guidance import Guidance, target_loss
 from msd.solvers import solver_evaluations, solver_step
-from toy2d import toy_mixture
-from toy2d.datasets import target_classes
+from toy2d.datasets import target_mixture, task_dataset
 
 build = build_toy2d
 """The driver interface of ``experiments.run``: ``build(cfg) -> setup``, then
@@ -49,14 +47,13 @@ def toy_evaluator(target_class: str, n_reference: int, seed: int, hdr_mass: floa
                   dataset: str = "fractal") -> ToyEvaluator:
     """Evaluators are deterministic in their arguments: cached across the jobs of one multirun process.
     ``target_class`` selects the fractal's class; the other datasets score against their whole mixture."""
-    return ToyEvaluator(toy_mixture(dataset, target_classes(dataset, target_class)), n_reference, seed, hdr_mass)
+    return ToyEvaluator(target_mixture(dataset, target_class), n_reference, seed, hdr_mass)
 
 
 @functools.lru_cache(maxsize=4)
 def density_map(target_class: str, center: tuple[float, float], half_size: float, hdr_level: float,
                 resolution: int, dataset: str = "fractal") -> DensityMap:
-    mixture = toy_mixture(dataset, target_classes(dataset, target_class))
-    return DensityMap.compute(mixture, Canvas(center, half_size), hdr_level, resolution)
+    return DensityMap.compute(target_mixture(dataset, target_class), Canvas(center, half_size), hdr_level, resolution)
 
 
 def canvas_grid(center: tuple[float, float], half_size: float, grid_size: int) -> Tensor:

@@ -66,6 +66,10 @@ _PINWHEEL_BLADES, _PINWHEEL_PER_BLADE = 5, 48
 _PINWHEEL_RADIAL, _PINWHEEL_TANGENTIAL, _PINWHEEL_RATE, _PINWHEEL_SCALE = 0.3, 0.05, 0.25, 0.45
 
 
+def _rotation(angle: float) -> np.ndarray:
+    return np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+
+
 def _mixture(weights: list, means: list, covs: list) -> GaussianMixture:
     return GaussianMixture(torch.tensor(np.array(weights, dtype=np.float64)),
                            torch.tensor(np.array(means, dtype=np.float64)),
@@ -95,9 +99,7 @@ def _spiral() -> GaussianMixture:
     cuts = _spiral_cuts()
     weights, means, covs = [], [], []
     for arm in range(_SPIRAL_ARMS):
-        angle = 2 * math.pi * arm / _SPIRAL_ARMS
-        rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
-        points = cuts @ rot.T + CENTER
+        points = cuts @ _rotation(2 * math.pi * arm / _SPIRAL_ARMS).T + CENTER
         for a, b in zip(points[:-1], points[1:]):
             chord = b - a
             length = float(np.linalg.norm(chord))
@@ -128,8 +130,7 @@ def _pinwheel() -> GaussianMixture:
     for blade in range(_PINWHEEL_BLADES):
         base = 2 * math.pi * blade / _PINWHEEL_BLADES
         for r, lw in zip(rho, log_w):
-            alpha = base + _PINWHEEL_RATE * math.exp(r)
-            rot = np.array([[math.cos(alpha), -math.sin(alpha)], [math.sin(alpha), math.cos(alpha)]])
+            rot = _rotation(base + _PINWHEEL_RATE * math.exp(r))
             jac = _PINWHEEL_SCALE * rot @ np.array([[1.0, 0.0], [_PINWHEEL_RATE * math.exp(r) * r, 1.0]])
             weights.append(math.exp(lw))
             means.append(CENTER + _PINWHEEL_SCALE * rot @ np.array([r, 0.0]))
@@ -156,3 +157,13 @@ def target_classes(dataset: str, target_class: str) -> str:
     """The ``classes`` a toy task with ``task.dataset`` and ``task.target_class`` scores against: the target
     class for the fractal, "all" for the datasets without classes (whose ``target_class`` is not used)."""
     return target_class if dataset == "fractal" else ALL
+
+
+def target_mixture(dataset: str, target_class: str) -> GaussianMixture:
+    """The mixture a toy task scores against: :func:`toy_mixture` of :func:`target_classes`."""
+    return toy_mixture(dataset, target_classes(dataset, target_class))
+
+
+def task_dataset(task) -> str:
+    """``dataset`` of a toy task config (any mapping with ``get``); "fractal" for runs made before it existed."""
+    return str(task.get("dataset", "fractal"))
