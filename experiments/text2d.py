@@ -169,11 +169,12 @@ def ddim_samples(prior: DiffusersPrior, prompts: list[str], scale: float, interv
     return torch.cat(out)
 
 
-def reference_cache_path(cfg: DictConfig) -> Path:
-    """Where the DDIM reference set of ``cfg`` is cached: a hash of everything it depends on (prior, prompts,
-    counts, steps, solver, scale, seed) under ``task.eval.cache_dir``."""
+def reference_cache_path(cfg: DictConfig, prior: DiffusersPrior) -> Path:
+    """Where the DDIM reference set of ``cfg`` is cached: a hash of everything it depends on (prior and its
+    clean-estimate range, prompts, counts, steps, solver, scale, seed) under ``task.eval.cache_dir``."""
     ev = cfg.task.eval
-    key = {"prior": cfg.prior.name, "path": str(cfg.prior.path), "prompts": list(cfg.task.prompts),
+    key = {"prior": cfg.prior.name, "path": str(cfg.prior.path), "clean_range": repr(prior.clean_range),
+           "prompts": list(cfg.task.prompts),
            "per_prompt": int(ev.reference_per_prompt), "steps": int(ev.reference_steps),
            "solver": ev.reference_solver, "scale": float(ev.reference_guidance_scale), "seed": int(ev.reference_seed)}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -184,7 +185,7 @@ def reference_images(cfg: DictConfig, prior: DiffusersPrior) -> tuple[Tensor, li
     """DDIM reference images [P·R, C, H, W] in [−1, 1] and their prompts, computed once and cached at
     :func:`reference_cache_path`."""
     ev = cfg.task.eval
-    path = reference_cache_path(cfg)
+    path = reference_cache_path(cfg, prior)
     prompts = [p for p in cfg.task.prompts for _ in range(int(ev.reference_per_prompt))]
     if path.is_file():
         with np.load(path) as arrays:

@@ -173,6 +173,7 @@ class DiffusersPrior:
             raise ValueError(f"scheduler prediction_type must be one of {PREDICTION_TYPES}, "
                              f"got {self.prediction_type!r}")
         self.schedule = VPSchedule.from_scheduler_config(scheduler_config)
+        self.clean_range = CleanRange.from_scheduler_config(scheduler_config)
         self.unet, self.text_encoder, self.vae, self.tokenizer = unet, text_encoder, vae, tokenizer
         for module in (unet, text_encoder, vae):
             if module is not None:
@@ -276,6 +277,16 @@ class DiffusersPrior:
             return conditional
         return CFGDenoiser(conditional, PromptDenoiser(self, self._prompt_embeddings("")), guidance_scale, interval)
 
+    def in_data_range(self, x: Tensor, sigma: Tensor, eps: Tensor) -> Tensor:
+        """ε̂ whose clean estimate lies in the data range: ``(x − P(x − σ ε̂))/σ`` with ``P`` =
+        :meth:`CleanRange.project` of the scheduler config (``eps`` unchanged when the config sets none, as for
+        Stable Diffusion's latents). The one place every view of the prior (prompt, CFG, LoRA) applies it, after
+        CFG, so SDS, VSD, SDI, MSD's samplers and the DDIM reference all see the same model."""
+        if self.clean_range is None:
+            return eps
+        s = per_sample(as_sigma(sigma, x), x)
+        return (x - self.clean_range.project(x - s * eps)) / s
+
     # --- LoRA (VSD's particle model ε̂_φ) ----------------------------------------------------------------
     def add_lora(self, rank: int = 4, alpha: float | None = None, target_modules: Sequence[str] = LORA_TARGETS,
                  generator: torch.Generator | None = None, adapter_name: str = "particles") -> list[nn.Parameter]:
@@ -350,6 +361,40 @@ class DiffusersPrior:
         return self.vae.decode(latents.to(self.device, self.dtype)).sample.to(samples.dtype)
 
 
+@dataclass(frozen=True)
+class CleanRange:
+    """The data range of a pixel-space model's clean estimates, as its diffusers scheduler config declares it
+    (``clip_sample`` / ``clip_sample_range``, or ``thresholding`` with ``dynamic_thresholding_ratio`` and
+    ``sample_max_value``, the DDPM/DDIM schedulers' options). :meth:`project` maps a clean estimate D [N, ...]
+    into that range exactly as the schedulers treat ``pred_original_sample``: clip to ``[−r, r]``, or per sample
+    ``s = clamp(quantile_ratio(|D|), 1, sample_max_value)``, ``D ← clamp(D, −s, s)/s``.
+
+    Why it is sound: the ideal denoiser ``E[y | x_σ]`` is a mean of data, so it lies in the data's range; clipping
+    each coordinate into ``[−r, r]`` never moves it further from any value in that range.
+    """
+
+    mode: str  # "clip" | "threshold"
+    limit: float  # clip: r; threshold: sample_max_value
+    ratio: float = 1.0  # threshold: the quantile of |D| per sample
+
+    @classmethod
+    def from_scheduler_config(cls, config: dict) -> "CleanRange | None":
+        if config.get("thresholding", False):
+            return cls("threshold", float(config.get("sample_max_value", 1.0)),
+                       float(config.get("dynamic_thresholding_ratio", 0.995)))
+        if config.get("clip_sample", False):
+            return cls("clip", float(config.get("clip_sample_range", 1.0)))
+        return None
+
+    def project(self, clean: Tensor) -> Tensor:
+        if self.mode == "clip":
+            return clean.clamp(-self.limit, self.limit)
+        flat = clean.flatten(1).abs().float()
+        s = torch.quantile(flat, self.ratio, dim=1).clamp(1.0, self.limit).to(clean.dtype)
+        s = per_sample(s, clean)
+        return torch.maximum(torch.minimum(clean, s), -s) / s
+
+
 class PromptDenoiser(Denoiser):
     """The prior conditioned on fixed text embeddings [1 or N, L, D]; adapters disabled."""
 
@@ -360,7 +405,7 @@ class PromptDenoiser(Denoiser):
         self.prior, self.embeddings = prior, embeddings
 
     def eps(self, x: Tensor, sigma: Tensor) -> Tensor:
-        return self.prior.eps(x, sigma, self.embeddings, adapters=self.adapters)
+        return self.prior.in_data_range(x, sigma, self.prior.eps(x, sigma, self.embeddings, adapters=self.adapters))
 
 
 class LoRADenoiser(PromptDenoiser):
@@ -395,4 +440,4 @@ class CFGDenoiser(GuidedDenoiser):
         both = self.main.prior.eps(torch.cat([x, x]), torch.cat([sigma, sigma]), embeddings, self.main.adapters)
         eps_main, eps_guide = both[:n], both[n:]
         w = per_sample(torch.where(active, torch.full_like(sigma, self.scale), torch.ones_like(sigma)), x)
-        return eps_guide + w * (eps_main - eps_guide)
+        return self.main.prior.in_data_range(x, sigma, eps_guide + w * (eps_main - eps_guide))

@@ -56,9 +56,10 @@ def build_unet(**kwargs) -> UNet2DConditionModel:
 
 
 def scheduler_config() -> dict:
-    """Stable Diffusion's DDPM schedule: 1000 steps, scaled_linear β from 0.00085 to 0.012, ε-prediction."""
+    """Stable Diffusion's DDPM schedule: 1000 steps, scaled_linear β from 0.00085 to 0.012, ε-prediction; clean
+    estimates clipped to the images' range [−1, 1] (``clip_sample``, diffusers' default for pixel-space DDPM)."""
     return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                prediction_type="epsilon", clip_sample=False, steps_offset=1)
+                prediction_type="epsilon", clip_sample=True, clip_sample_range=1.0, steps_offset=1)
 
 
 def build_scheduler() -> DDPMScheduler:

@@ -42,8 +42,9 @@ def write_tokenizer(directory: Path) -> CLIPTokenizer:
 
 
 def build_tiny_prior(root: Path, *, latent: bool = True, prediction_type: str = "epsilon",
-                     sample_size: int | tuple[int, int] = 12, seed: int = 0) -> Path:
-    """Save a tiny SD-style prior under ``root`` and return it.
+                     sample_size: int | tuple[int, int] = 12, seed: int = 0, **scheduler_options) -> Path:
+    """Save a tiny SD-style prior under ``root`` and return it (``scheduler_options`` override the DDIM
+    scheduler config, e.g. ``clip_sample=True``).
 
     Latent: 4-channel UNet on ``sample_size`` (int or (H, W)) latents and a 2-level AutoencoderKL
     (scale factor 2), so images are twice that. Pixel: a 3-channel UNet on ``sample_size`` images, no VAE.
@@ -69,9 +70,9 @@ def build_tiny_prior(root: Path, *, latent: bool = True, prediction_type: str = 
                 norm_num_groups=2, scaling_factor=0.5,
             ).save_pretrained(root / "vae")
     write_tokenizer(root / "tokenizer")
-    DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                  set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
-                  ).save_pretrained(root / "scheduler")
+    options = {"clip_sample": False, **scheduler_options}
+    DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", set_alpha_to_one=False,
+                  steps_offset=1, prediction_type=prediction_type, **options).save_pretrained(root / "scheduler")
     return root
 
 
