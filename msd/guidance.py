@@ -49,9 +49,11 @@ class Guidance(ABC):
 
 
 def summarize(x: Tensor, target: Tensor, **extra: float) -> dict[str, float]:
-    """Common aux scalars: mean per-sample ‖x − y‖ plus method-specific values."""
+    """Common aux scalars: mean per-sample ‖x − y‖ (``grad_norm``), the range of the target's coordinates
+    (``target_min``, ``target_max``: where a method sends x), plus method-specific values."""
     grad_norm = (x.detach() - target).flatten(1).norm(dim=1).mean()
-    return {"grad_norm": float(grad_norm), **{k: float(v) for k, v in extra.items()}}
+    return {"grad_norm": float(grad_norm), "target_min": float(target.min()), "target_max": float(target.max()),
+            **{k: float(v) for k, v in extra.items()}}
 
 
 def target_loss(x: Tensor, target: Tensor) -> Tensor:

@@ -160,3 +160,16 @@ def test_msd_ode_samplers_forget_their_initial_noise_at_small_bandwidth(gaussian
         msd = MSDGuidance(gaussian, sampler=sampler, lambda0=lam, solver_steps=16, solver="euler")
         a, b = msd(x, 0, seeded(1)).target, msd(x, 0, seeded(2)).target
         assert torch.allclose(a, b, atol=1e-5) == same
+
+
+def test_sdi_global_grid_is_the_official_ddim_grid_cut_at_t():
+    """inversion_grid='global': the levels {0, 1/n, …} below t, then t (official SDI); ⌈t·n⌉ steps."""
+    schedule = EDMSchedule()
+    sdi = SDIGuidance(GaussianDenoiser(torch.zeros(2), 1.0), noise_schedule=schedule, inversion_grid="global",
+                      inversion_steps=10)
+    levels = sdi.global_grid(0.45)
+    expected = schedule.sigma(torch.tensor([0.0, 0.1, 0.2, 0.3, 0.4, 0.45], dtype=torch.float64))
+    assert levels[0] == 0 and torch.allclose(levels[1:], expected[1:])
+    assert len(sdi.global_grid(0.98)) - 1 == 10 and len(sdi.global_grid(0.1)) - 1 == 1
+    with pytest.raises(ValueError, match="guidance.inversion_grid"):
+        SDIGuidance(GaussianDenoiser(torch.zeros(2), 1.0), inversion_grid="fine")

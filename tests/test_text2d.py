@@ -37,11 +37,19 @@ def compose_config(prior: Path, cache: Path, *overrides: str):
 
 
 @pytest.mark.parametrize("guidance,evals_per_iter", [
-    ("t2d_sds", 2.0), ("t2d_sdi", 2.0 * 10 + 2.0), ("t2d_vsd", 2.0 + 1 + 1), ("t2d_msd", None), ("t2d_msd_ode", None)])
+    # SDI on the official global grid of 10 steps cut at t = 0.98, 0.66, 0.34: 10, 7 and 4 inversion steps
+    ("t2d_sds", 2.0), ("t2d_sdi", 2.0 * (10 + 7 + 4) / 3 + 2.0), ("t2d_vsd", 2.0 + 1 + 1), ("t2d_msd", None),
+    ("t2d_msd_ode", None)])
 def test_text2d_run_writes_fid_curve_images_and_final(tiny_pixel_prior, tmp_path, guidance, evals_per_iter):
     cfg = compose_config(tiny_pixel_prior, tmp_path / "cache", f"guidance={guidance}")
     final = run(cfg, tmp_path / "run")
-    curve = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    rows = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert list(rows.iteration) == [0, 1, 2, 3]  # one row per iteration: loss and aux scalars
+    assert np.isnan(rows.loss.iloc[0]) and (rows.loss.iloc[1:] >= 0).all()
+    assert {"grad_norm", "target_min", "target_max", "nfe"} <= set(rows.columns)
+    assert (rows.target_min.iloc[1:] <= rows.target_max.iloc[1:]).all()
+    assert final["loss"] == rows.loss.iloc[-1]
+    curve = rows[rows.fid.notna()]  # the evaluations: first, every eval.every, last
     assert list(curve.iteration) == [0, 2, 3]
     assert {"fid", "fid_true", "prompt_accuracy", "unet_evals"} <= set(curve.columns)
     assert np.isfinite(curve.fid).all() and (curve.fid >= 0).all() and curve.prompt_accuracy.between(0, 1).all()
