@@ -8,6 +8,9 @@ detached particles, ``E_{σ, n} ‖ε̂_φ(x + σ n, σ) − n‖²`` (σ unifor
 Like ProlificDreamer's LoRA, ε̂_φ starts as the unguided prior: ``ε̂_φ = ε̂_base + r_φ`` with a
 zero-initialised residual MLP ``r_φ([x·α(σ), log σ / 4])`` over the flattened sample (fine for
 low-dimensional samples; an image prior passes its own ``particle_model``, e.g. a LoRA-adapted UNet).
+``particle_model="ideal"`` replaces the learned ε̂_φ by the exact noised score of the particles' empirical
+distribution (:class:`EmpiricalDenoiser`, rebuilt from the detached particles at every call, never trained):
+VSD with a perfect particle model, the limit the learned one chases.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from baselines.sds import NoisedGuidance
-from msd.denoiser import Denoiser, GuidedDenoiser, per_sample
+from msd.denoiser import Denoiser, GuidedDenoiser, as_sigma, per_sample
 from msd.guidance import GuidanceOutput, register, require, summarize
 from msd.schedules import WEIGHTINGS, TimestepSampler, distillation_weight
 
@@ -53,11 +56,69 @@ class ResidualDenoiser(nn.Module, Denoiser):
         return eps_base + self.residual(features).reshape(x.shape)
 
 
+class EmpiricalDenoiser(Denoiser):
+    """The ideal denoiser of the empirical distribution ``q = (1/M) Σ_j δ(x_j)`` of ``points`` (VE): q noised to
+    σ is the mixture ``q_σ(z) = (1/M) Σ_j N(z; x_j, σ² I)``, so
+
+        D(z, σ) = Σ_j w_j(z) x_j,   w_j ∝ exp(−‖z − x_j‖² / 2σ²),   ε̂(z, σ) = (z − D(z, σ)) / σ = −σ ∇log q_σ(z).
+
+    It is also the exact minimiser of the denoising score-matching loss on the points (what VSD's ε̂_φ is trained
+    towards, with unlimited capacity). Every point's own component is included: ε̂ must be a function of
+    (z, σ) alone, as VSD queries it at z = x_i + σε without saying which particle z came from, and the
+    distribution the particles represent is all of them. Consequence, on purpose: where σ is small against the
+    spacing of the points the nearest (usually the own) component dominates, ε̂(x_i + σε) ≈ ε, and VSD acts
+    like SDS there; where σ is large it is the kernel-density score of the whole set.
+
+    The logits ``(z·x_j − ½‖x_j‖²) / σ²`` (the row constant ‖z‖² dropped) are one float64 product
+    ``[z/σ², −1/σ²] · [x_j, ½‖x_j‖²]``, accurate at σ far below the points' scale; ``chunk_elements`` bounds the
+    [rows, M] intermediates. σ must be > 0.
+    """
+
+    def __init__(self, points: Tensor, chunk_elements: int = 1 << 22):
+        require(points.ndim >= 2 and points.shape[0] >= 1, "EmpiricalDenoiser points", "a non-empty [M, ...] tensor",
+                tuple(points.shape))
+        self.points = points.detach()
+        flat = self.points.flatten(1).double()
+        self._keys = torch.cat([flat, 0.5 * flat.pow(2).sum(dim=1, keepdim=True)], dim=1)  # [M, D + 1]
+        self._values = torch.cat([flat, torch.ones_like(flat[:, :1])], dim=1)  # [M, D + 1]: Σ w x, Σ w
+        self.chunk_rows = max(1, chunk_elements // flat.shape[0])
+
+    def denoise(self, x: Tensor, sigma: Tensor) -> Tensor:
+        sigma = as_sigma(sigma, x)
+        require(bool((sigma > 0).all()), "EmpiricalDenoiser sigma", "> 0", float(sigma.min()))
+        inv_var = 1.0 / sigma.double().pow(2)[:, None]
+        queries = torch.cat([x.flatten(1).double() * inv_var, -inv_var], dim=1)  # [N, D + 1]
+        keys, values = self._keys.to(x.device), self._values.to(x.device)
+        means = []
+        for chunk in torch.split(queries, self.chunk_rows):
+            logits = chunk @ keys.T
+            weights = logits.sub_(logits.amax(dim=1, keepdim=True)).exp_()
+            sums = weights @ values
+            means.append(sums[:, :-1] / sums[:, -1:])
+        return torch.cat(means).reshape(x.shape).to(x.dtype)
+
+    def eps(self, x: Tensor, sigma: Tensor) -> Tensor:
+        sigma = as_sigma(sigma, x)
+        return ((x.double() - self.denoise(x, sigma).double()) / per_sample(sigma.double(), x)).to(x.dtype)
+
+
+PARTICLE_MODELS = ("residual", "ideal")
+"""VSD's ε̂_φ: ``residual`` = the prior plus a trained MLP residual (ProlificDreamer's LoRA stand-in);
+``ideal`` = :class:`EmpiricalDenoiser` of the current particles."""
+
+
 @register("vsd")
 class VSDGuidance(NoisedGuidance):
     def __init__(self, denoiser: Denoiser, weighting: str = "sds", phi_lr: float = 1e-3, phi_steps: int = 1,
-                 phi_hidden: int = 64, phi_layers: int = 3, particle_model: Denoiser | None = None,
+                 phi_hidden: int = 64, phi_layers: int = 3, particle_model: Denoiser | str | None = "residual",
                  **timestep_kwargs):
+        """``particle_model``: ``"residual"`` (or None; the default, built on the first call), ``"ideal"`` (the exact
+        empirical score of the current particles, :class:`EmpiricalDenoiser`; ``phi_*`` are then unused), or a
+        trainable :class:`Denoiser` module (e.g. the prior's LoRA)."""
+        if particle_model is None:
+            particle_model = "residual"
+        require(not isinstance(particle_model, str) or particle_model in PARTICLE_MODELS, "guidance.particle_model",
+                f"one of {PARTICLE_MODELS} (or a Denoiser)", particle_model)
         require(weighting in WEIGHTINGS, "guidance.weighting", f"one of {WEIGHTINGS}", weighting)
         require(phi_lr > 0, "guidance.phi_lr", "> 0", phi_lr)
         require(phi_steps >= 0, "guidance.phi_steps", ">= 0", phi_steps)
@@ -66,8 +127,10 @@ class VSDGuidance(NoisedGuidance):
         self.weighting, self.phi_lr, self.phi_steps = weighting, float(phi_lr), int(phi_steps)
         self.phi_hidden, self.phi_layers = int(phi_hidden), int(phi_layers)
         self.phi_timesteps = TimestepSampler(self.noise_schedule, 0.0, 1.0)
-        self.particle_model, self.phi_optimizer, self.particle_dim = particle_model, None, None
-        if particle_model is not None:
+        self.ideal = particle_model == "ideal"
+        self.particle_model = None if isinstance(particle_model, str) else particle_model
+        self.phi_optimizer, self.particle_dim = None, None
+        if self.particle_model is not None:
             self.phi_optimizer = torch.optim.Adam(particle_model.parameters(), lr=self.phi_lr)
 
     def _ensure_particle_model(self, x: Tensor, generator: torch.Generator | None) -> None:
@@ -83,14 +146,20 @@ class VSDGuidance(NoisedGuidance):
 
     def state_dict(self) -> dict:
         """ε̂_φ's trainable parameters (the toy MLP or the prior's LoRA) and its Adam state; empty before the
-        first call (the toy ε̂_φ does not exist yet)."""
+        first call (the toy ε̂_φ does not exist yet). The ideal model has no state (it is rebuilt from the
+        particles, which the run checkpoints): ``{"particle_model": "ideal"}``."""
+        if self.ideal:
+            return {"particle_model": "ideal"}
         if self.phi_optimizer is None:
             return {}
         return {"dim": self.particle_dim, "parameters": [p.detach().clone() for p in self._phi_parameters()],
                 "optimizer": copy.deepcopy(self.phi_optimizer.state_dict())}
 
     def load_state_dict(self, state: dict) -> None:
-        if not state:
+        saved_kind = state.get("particle_model", "residual") if state else None
+        require(saved_kind is None or (saved_kind == "ideal") == self.ideal, "checkpoint guidance state",
+                f"VSD state of particle_model={'ideal' if self.ideal else 'residual'}", saved_kind)
+        if not state or self.ideal:
             return
         if self.particle_model is None:  # the toy ε̂_φ: build it (its random init is overwritten below)
             like = torch.empty(1, state["dim"], dtype=state["parameters"][0].dtype,
@@ -123,6 +192,8 @@ class VSDGuidance(NoisedGuidance):
 
     def __call__(self, x: Tensor, step: int, generator: torch.Generator | None = None) -> GuidanceOutput:
         x = x.detach()
+        if self.ideal:
+            return self._ideal_call(x, step, generator)
         self._ensure_particle_model(x, generator)
         sigma, noise = self.draw(x, step, generator)
         z = x + per_sample(sigma, x) * noise
@@ -133,3 +204,14 @@ class VSDGuidance(NoisedGuidance):
         phi_loss = self.train_particle_model(x, generator)
         nfe = self.denoiser.evaluations_per_call + 1 + self.phi_steps
         return GuidanceOutput(target, summarize(x, target, sigma=sigma.mean(), phi_loss=phi_loss, nfe=nfe))
+
+    def _ideal_call(self, x: Tensor, step: int, generator: torch.Generator | None) -> GuidanceOutput:
+        """VSD with ε̂_φ = the exact empirical score of the current particles (no training, no φ evaluations)."""
+        self.particle_model = EmpiricalDenoiser(x)
+        sigma, noise = self.draw(x, step, generator)
+        z = x + per_sample(sigma, x) * noise
+        with torch.no_grad():
+            grad = self.denoiser.eps(z, sigma) - self.particle_model.eps(z, sigma)
+            target = x - per_sample(distillation_weight(sigma, self.weighting), x) * grad
+        nfe = self.denoiser.evaluations_per_call
+        return GuidanceOutput(target, summarize(x, target, sigma=sigma.mean(), nfe=nfe))

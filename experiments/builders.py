@@ -114,11 +114,26 @@ class ReferenceSampler:
     solver_steps: int
 
 
+SDI_EXACT_INVERSION_STEPS = 100
+"""SDI runs with at least this many inversion steps are labelled ``sdi_exact``: their DDIM inversion is exact to
+well below SDI's own fixed-point error (``eval.sdi_toy``)."""
+
+
 def method_label(guidance_cfg: DictConfig) -> str:
     """The row label of a run: the guidance name, with MSD's product sampler when it is not the default
-    ``product_ode`` (``msd_tweedie``, ``msd_ode``, ``msd_stable``, ``msd_exact``)."""
-    sampler = guidance_cfg.get("sampler", "product_ode")
-    return guidance_cfg.name if guidance_cfg.name != "msd" or sampler == "product_ode" else f"msd_{sampler}"
+    ``product_ode`` (``msd_tweedie``, ``msd_ode``, ``msd_stable``, ``msd_exact``); ``vsd_ideal`` for VSD with the
+    ideal particle model (``particle_model: ideal``); ``sdi_exact`` for SDI with a fine inversion grid
+    (``inversion_steps`` ≥ :data:`SDI_EXACT_INVERSION_STEPS`)."""
+    name = guidance_cfg.name
+    if name == "msd":
+        sampler = guidance_cfg.get("sampler", "product_ode")
+        return name if sampler == "product_ode" else f"msd_{sampler}"
+    if name == "vsd" and guidance_cfg.get("particle_model", "residual") == "ideal":
+        return "vsd_ideal"
+    if name == "sdi" and guidance_cfg.get("inversion", True) and \
+            int(guidance_cfg.get("inversion_steps", 10)) >= SDI_EXACT_INVERSION_STEPS:
+        return "sdi_exact"
+    return name
 
 
 def build_reference_sampler(guidance_cfg: DictConfig) -> ReferenceSampler:
