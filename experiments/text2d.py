@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 import baselines  # noqa: F401  (registers "sds", "vsd", "sdi")
 import msd  # noqa: F401  (registers "msd")
-from eval.fid import ClassifierFeatures, FIDTracker, inception_features
+from eval.fid import CLIPSimilarity, ClassifierFeatures, FIDTracker, inception_features
 from eval.io import write_npz
 from experiments.builders import method_label
 from experiments.checkpoint import RunCheckpoint
@@ -205,12 +205,42 @@ def decode_images(prior: DiffusersPrior, samples: Tensor, batch: int = 32) -> Te
 
 
 class Scorer:
-    """FID against the DDIM reference (and, on ShapesWorld, against true renders), prompt accuracy and the
-    mode-alignment distance of a set of images."""
+    """FID and KID against the DDIM reference (and, on ShapesWorld, against true renders), the CLIP score
+    (``task.eval.clip_path`` set), prompt accuracy and the mode-alignment distance of a set of images.
+
+    KID (eval.fid): unbiased at any N, subsets of ``min(task.eval.kid_subset_size, N, M)`` images
+    (N generated, M reference), ``task.eval.kid_subsets`` of them drawn with ``task.eval.reference_seed``, so
+    the same images score the same; ``kid_std`` is the std over the subsets."""
+
+    @staticmethod
+    def check(cfg: DictConfig) -> None:
+        """Fail with the field's name on a bad KID / CLIP setting (cheap: nothing is loaded)."""
+        ev = cfg.task.eval
+        size, subsets = ev.kid_subset_size, ev.kid_subsets
+        require(isinstance(size, int) and not isinstance(size, bool) and size >= 2, "task.eval.kid_subset_size",
+                "an integer >= 2 (runs use min(it, images, reference images); the unbiased MMD² needs 2)", size)
+        require(isinstance(subsets, int) and not isinstance(subsets, bool) and subsets >= 1,
+                "task.eval.kid_subsets", "an integer >= 1", subsets)
+        if ev.clip_path is not None:
+            require(bool(ev.clip_path) and (repo_path(ev.clip_path) / "config.json").is_file(),
+                    "task.eval.clip_path", "null or a local CLIP model directory (config.json, weights, "
+                    "preprocessor_config.json, tokenizer files; e.g. `hf download openai/clip-vit-large-patch14 "
+                    "--local-dir <dir>`)", ev.clip_path)
 
     def __init__(self, cfg: DictConfig, setup: Text2DSetup):
+        Scorer.check(cfg)
         ev = cfg.task.eval
         self.world, self.mode_distance = setup.world, bool(ev.mode_distance)
+        self.prompts = list(setup.prompts)
+        kid = {"kid_subset_size": int(ev.kid_subset_size), "kid_subsets": int(ev.kid_subsets),
+               "kid_seed": int(ev.reference_seed)}
+        self.clip = None
+        if ev.clip_path is not None:
+            try:
+                self.clip = CLIPSimilarity(repo_path(ev.clip_path), device=setup.prior.device)
+            except (OSError, ValueError) as error:
+                raise ValueError(f"task.eval.clip_path: no CLIP model could be loaded from {ev.clip_path!r}: "
+                                 f"{error}") from error
         if setup.world:
             from shapes.models import ShapesClassifier
             from shapes.world import prompt_id, sample_world
@@ -222,19 +252,22 @@ class Scorer:
                                      for _ in range(int(ev.reference_per_prompt))])
             renders, _ = sample_world(len(true_ids), torch.Generator().manual_seed(int(ev.reference_seed) + 1),
                                       prompts=true_ids, resolution=setup.prior.image_size[0])
-            self.true_fid = FIDTracker(features, renders)
+            self.true_fid = FIDTracker(features, renders, **kid)
         else:
             features = inception_features(ev.inception_path)
         reference, _ = reference_images(cfg, setup.prior)
         self.reference = reference
-        self.fid = FIDTracker(features, reference)
+        self.fid = FIDTracker(features, reference, **kid)
 
     def __call__(self, images: Tensor, final: bool = False) -> dict[str, float]:
-        row = {"fid": self.fid.fid(images)}
+        row = self.fid.scores(images)  # fid, kid, kid_std
+        if self.clip is not None:
+            row["clip_score"] = self.clip.score(images, self.prompts)
         if self.world:
             from shapes.metrics import mode_alignment_distance, prompt_accuracy
 
-            row["fid_true"] = self.true_fid.fid(images)
+            true = self.true_fid.scores(images)
+            row["fid_true"], row["kid_true"] = true["fid"], true["kid"]
             row["prompt_accuracy"] = prompt_accuracy(self.classifier, images, self.prompt_ids)
             if final or self.mode_distance:
                 row["mode_distance"] = float(mode_alignment_distance(images, self.prompt_ids).mean())
