@@ -55,10 +55,11 @@ COST_ORDER = ("msd_stable", "msd_ode", "sdi", "vsd", "sds")
 README_MARKERS = ("<!-- table4-shapes:start -->", "<!-- table4-shapes:end -->")
 PROTOCOL_KEYS = ("prior", "task", "guidance_scale", "guidance_interval", "seed", "device")
 """Config entries every row must share (the guidance is what differs)."""
-CSV_COLUMNS = ("method", "iteration", "unet_evals", "fid", "fid_true", "prompt_accuracy", "mode_distance",
-               "ms_per_iter")
+CSV_COLUMNS = ("method", "iteration", "unet_evals", "fid", "kid", "kid_std", "fid_true", "kid_true", "prompt_accuracy",
+               "mode_distance", "ms_per_iter")
 TABLE_COLUMNS = {  # final.json key → (Markdown header, format)
-    "fid": ("FID vs DDIM", "{:.2f}"), "fid_true": ("FID vs true renders", "{:.2f}"),
+    "fid": ("FID vs DDIM", "{:.2f}"), "kid": ("KID vs DDIM", "{:.4f}"), "kid_std": ("KID std (subsets)", "{:.4f}"),
+    "fid_true": ("FID vs true renders", "{:.2f}"), "kid_true": ("KID vs true renders", "{:.4f}"),
     "prompt_accuracy": ("prompt accuracy", "{:.3f}"), "mode_distance": ("mode-alignment distance", "{:.4f}"),
     "unet_evals_per_iter": ("UNet evals / iter", "{:.1f}"), "unet_evals": ("UNet evals (total)", "{:.0f}"),
     "ms_per_iter": ("ms / iter", "{:.1f}"), "iterations": ("iterations", "{}"),
