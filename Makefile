@@ -57,6 +57,7 @@ shapes-prior: venv
 
 bench: venv
 	$(PY) -m eval.bench_gmm
+	$(PY) -m eval.bench_text2d
 
 # Every committed toy2d denoiser (fractal A, AB, A_weak; spiral, pinwheel and their _weak guides), one CPU thread;
 # a subset: make toy2d-weights TOY2D_MODELS="spiral pinwheel"
