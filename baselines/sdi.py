@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from baselines.sds import NoisedGuidance
-from msd.denoiser import Denoiser, GuidedDenoiser, per_sample
+from msd.denoiser import Denoiser, per_sample, with_scale
 from msd.guidance import GuidanceOutput, register, require, summarize
 from msd.solvers import ddim_invert
 
@@ -40,17 +40,7 @@ class SDIGuidance(NoisedGuidance):
         require(eta >= 0, "guidance.eta", ">= 0", eta)
         self.inversion, self.inversion_steps = inversion, int(inversion_steps)
         self.eta, self.level_jitter = float(eta), level_jitter
-        self.inversion_denoiser = self._inversion_denoiser(denoiser, inversion_scale)
-
-    @staticmethod
-    def _inversion_denoiser(denoiser: Denoiser, scale: float | None) -> Denoiser:
-        """The target model, or the same main/guide pair at ``inversion_scale`` (SDI's negative CFG)."""
-        if scale is None:
-            return denoiser
-        if isinstance(denoiser, GuidedDenoiser):  # same class: a prior's batched CFG stays batched
-            return type(denoiser)(denoiser.main, denoiser.guide, scale, denoiser.interval)
-        require(scale == 1.0, "guidance.inversion_scale", "null or 1 for an unguided denoiser", scale)
-        return denoiser
+        self.inversion_denoiser = with_scale(denoiser, inversion_scale)  # SDI's negative CFG
 
     def global_grid(self, t_top: float) -> Tensor:
         """The official grid's levels from 0 to σ(t_top): times ``k/n < t_top``, then ``t_top``."""

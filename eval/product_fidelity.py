@@ -61,10 +61,13 @@ FAITHFUL_FACTOR = 2.0
 CANVAS_CENTER, CANVAS_OFFSET = (0.3, 0.3), 0.6
 BRANCH_NOISE = 0.05
 
+START_FACTORS = (3, 10)
+"""Truncated starts of the product PF-ODE: σ_s = kλ (``MSDGuidance(start_factor=k)``), Heun variants ``heun_start<k>``."""
 VARIANTS = (
     [("product_ode", "euler", steps, 0.0, "sigma_sq_half") for steps in (4, 8, 16, 32, 64)]
     + [("product_ode", "heun", steps, 0.0, "sigma_sq_half") for steps in (3, 5, 9, 17, 33)]
     + [("product_ode", "euler_eta1", steps, 1.0, "sigma_sq_half") for steps in (8, 16, 32, 64)]
+    + [("product_ode", f"heun_start{k}", steps, 0.0, "sigma_sq_half") for k in START_FACTORS for steps in (3, 5, 9, 17)]
     + [("tweedie", "", 1, 0.0, "sigma_sq_half")]
     + [(sampler, kernel_time, 32, 0.0, kernel_time) for sampler in ("ode", "stable")
        for kernel_time in ("sigma_sq_half", "timestep")]
@@ -89,9 +92,12 @@ def energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def sampler_for(denoiser: Denoiser, sampler: str, label: str, steps: int, eta: float, kernel_time: str) -> MSDGuidance:
-    solver = "heun" if label == "heun" else "euler"
+    """The MSD sampler of a variant label: ``euler``, ``heun``, ``euler_eta1`` or ``heun_start<k>``."""
+    solver = "heun" if label.startswith("heun") else "euler"
+    start_factor = float(label.removeprefix("heun_start")) if label.startswith("heun_start") else None
     return MSDGuidance(denoiser, sampler=sampler, solver=solver, solver_steps=steps, eta=eta,
-                       kernel_time=kernel_time, noise_schedule=EDMSchedule(0.002, 5.0, 7.0))
+                       kernel_time=kernel_time, noise_schedule=EDMSchedule(0.002, 5.0, 7.0),
+                       start_factor=start_factor)
 
 
 def score(samples: torch.Tensor, reference: torch.Tensor, exact_mean: torch.Tensor, tweedie: torch.Tensor,

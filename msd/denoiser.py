@@ -88,3 +88,15 @@ class GuidedDenoiser(Denoiser):
         eps_guide = self.guide.eps(x, sigma)
         w = per_sample(torch.where(active, torch.full_like(sigma, self.scale), torch.ones_like(sigma)), x)
         return eps_guide + w * (eps_main - eps_guide)
+
+
+def with_scale(denoiser: Denoiser, scale: float | None) -> Denoiser:
+    """``denoiser`` itself (``scale`` None), or the same main/guide pair at guidance scale ``scale`` (SDI's and
+    eq. 15's inversion model); an unguided denoiser accepts only ``scale`` None or 1."""
+    if scale is None:
+        return denoiser
+    if isinstance(denoiser, GuidedDenoiser):  # same class: a prior's batched CFG stays batched
+        return type(denoiser)(denoiser.main, denoiser.guide, scale, denoiser.interval)
+    if scale != 1.0:
+        raise ValueError(f"guidance.inversion_scale must be null or 1 for an unguided denoiser, got {scale!r}")
+    return denoiser

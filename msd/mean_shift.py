@@ -12,6 +12,10 @@ Product samplers:
   (because ``p(y) N(y; z, σ²) N(y; x, λ²) ∝ p(y) N(y; z′, σ′²)``), so :class:`ProductDenoiser` is a
   :class:`~msd.denoiser.Denoiser` and any PF-ODE solver started at ``x + σ_max ε`` samples ṗ up to
   discretisation error (``eta > 0``: stochastic DDIM steps). λ → 0 returns x; λ → ∞ is plain sampling.
+  ``start_factor = k`` starts instead at ``σ_s = min(kλ, σ_max)`` from ``D(x, λ) + σ_s ε`` — the exact mean of
+  ``q_{σ_s}`` (Tweedie: ``E_ṗ[y] = D(x, λ)``) with its covariance ``Cov_ṗ + σ_s² I`` taken as ``σ_s² I`` — on an
+  EDM ρ = 7 grid of ``solver_steps`` levels from σ_s down to the schedule's σ_min: ṗ lives within a few λ of
+  x, so levels far above λ only transport a Gaussian (one extra call per estimate).
 * ``tweedie``: ``y = D(x, λ)``, one call, deterministic; ``p*_λ`` is the heat-diffused density at σ = λ, so
   with the ideal denoiser ``y − x = λ² ∇log p_λ(x)`` is the exact mean shift.
 * ``ode`` (eq. 12, paper-literal): start from ``σ_max ε``; each step is one PF-ODE (DDIM/Heun) step with
@@ -21,7 +25,8 @@ Product samplers:
   in the schedule's normalised time t ∈ [0, 1] (the pseudocode's Δt). Either scaled by ``kernel_time_scale``.
   Kernel centre ``noise_scaled``: ``c = x`` (= α_t·x in a VP model's ``z_t``); ``raw``: ``c = x/α(σ)``
   (= x in ``z_t``, eq. 12 literally). Not a sampler of ṗ: it damps its start noise by ``e^{−Δs_total/λ²}``.
-* ``stable`` (eq. 15): DDIM-invert x on the solver grid to get ``{z*_σ}``; start from
+* ``stable`` (eq. 15): DDIM-invert x on the solver grid (with the model at ``inversion_scale``; null: the
+  same guided model, whose DDIM steps then retrace the inversion) to get ``{z*_σ}``; start from
   ``z*_max + (σ_max ε − z*_max)·e^{−Δs_0/λ²}`` and after each step decay towards ``z*_{σ_{i+1}}``.
   λ → 0 returns x (zero gradient); λ → ∞ is plain DDIM sampling from noise.
 * ``exact``: the denoiser samples ṗ itself (``denoiser.product_sample``; the toy's mixtures).
@@ -34,7 +39,7 @@ import torch
 from torch import Tensor
 
 from msd.bandwidth import BandwidthSchedule
-from msd.denoiser import Denoiser, as_sigma, per_sample
+from msd.denoiser import Denoiser, as_sigma, per_sample, with_scale
 from msd.guidance import Guidance, GuidanceOutput, register, require, summarize
 from msd.schedules import EDMSchedule, NoiseSchedule
 from msd.solvers import check_solver, ddim_invert, sample, solver_evaluations, solver_step
@@ -83,7 +88,8 @@ class MSDGuidance(Guidance):
                  total_steps: int = 150, num_samples: int = 1, solver_steps: int = 33, solver: str = "heun",
                  eta: float = 0.0, noise_schedule: NoiseSchedule | None = None, kernel_center: str = "noise_scaled",
                  kernel_interval: tuple[float, float] | None = None, kernel_time: str = "sigma_sq_half",
-                 kernel_time_scale: float = 1.0):
+                 kernel_time_scale: float = 1.0, start_factor: float | None = None,
+                 inversion_scale: float | None = None):
         require(sampler in PRODUCT_SAMPLERS, "guidance.sampler", f"one of {PRODUCT_SAMPLERS}", sampler)
         require(kernel_center in KERNEL_CENTERS, "guidance.kernel_center", f"one of {KERNEL_CENTERS}", kernel_center)
         require(kernel_time in KERNEL_TIMES, "guidance.kernel_time", f"one of {KERNEL_TIMES}", kernel_time)
@@ -95,6 +101,8 @@ class MSDGuidance(Guidance):
         require(sampler != "tweedie" or num_samples == 1, "guidance.num_samples",
                 "1 for sampler='tweedie' (deterministic)", num_samples)
         require(0.0 <= eta <= 1.0, "guidance.eta", "in [0, 1]", eta)
+        require(start_factor is None or (start_factor > 0 and sampler == "product_ode"), "guidance.start_factor",
+                "null, or > 0 with sampler='product_ode'", start_factor)
         require(eta == 0.0 or (sampler == "product_ode" and solver == "euler"), "guidance.eta",
                 "0 unless sampler='product_ode' with solver='euler' (stochastic DDIM steps)", eta)
         if sampler == "exact" and not hasattr(denoiser, "product_sample"):
@@ -105,6 +113,10 @@ class MSDGuidance(Guidance):
         self.num_samples, self.kernel_center, self.kernel_time = int(num_samples), kernel_center, kernel_time
         self.kernel_interval = tuple(kernel_interval) if kernel_interval is not None else None
         self.kernel_time_scale = float(kernel_time_scale)
+        self.start_factor = None if start_factor is None else float(start_factor)
+        require(inversion_scale is None or sampler == "stable", "guidance.inversion_scale",
+                "null unless sampler='stable' (the guidance scale of its DDIM inversion)", inversion_scale)
+        self.inversion_denoiser = with_scale(denoiser, inversion_scale)
         self.noise_schedule = noise_schedule or EDMSchedule()
         grid = self.noise_schedule.grid(solver_steps)
         self.sigmas = [float(s) for s in grid]
@@ -127,8 +139,11 @@ class MSDGuidance(Guidance):
         if self.sampler == "tweedie":
             return self.denoiser.evaluations_per_call
         steps = len(self.sigmas) - 1
-        calls = solver_evaluations(steps, self.solver) + (steps if self.sampler == "stable" else 0)
-        return self.num_samples * calls * self.denoiser.evaluations_per_call
+        per_sample_cost = solver_evaluations(steps, self.solver) * self.denoiser.evaluations_per_call
+        if self.sampler == "stable":
+            per_sample_cost += steps * self.inversion_denoiser.evaluations_per_call
+        start = self.denoiser.evaluations_per_call if self.start_factor is not None else 0  # D(x, λ), shared
+        return self.num_samples * per_sample_cost + start
 
     def product_samples(self, x: Tensor, lam: float, generator: torch.Generator | None) -> Tensor:
         """``num_samples`` draws y ~ ṗ(·|x) ∝ p(y) G_λ(x − y) per row of ``x``: [num_samples, *x.shape]
@@ -142,10 +157,27 @@ class MSDGuidance(Guidance):
         solve = {"product_ode": self._product_solve, "ode": self._ode_solve, "stable": self._stable_solve}
         return solve[self.sampler](centers, lam, generator).reshape(self.num_samples, *x.shape)
 
+    def start_grid(self, lam: float) -> list[float]:
+        """The truncated start's grid: EDM ρ = 7 levels from σ_s = min(kλ, σ_max) to σ_min, then 0."""
+        sigma_min = self.noise_schedule.sigma_min
+        top = min(self.start_factor * lam, self.noise_schedule.sigma_max)
+        require(top > sigma_min, "guidance.start_factor * bandwidth", f"> the schedule's sigma_min {sigma_min:g}",
+                top)
+        return [float(s) for s in EDMSchedule(sigma_min, top).grid(len(self.sigmas) - 1)]
+
     def _product_solve(self, centers: Tensor, lam: float, generator: torch.Generator | None) -> Tensor:
-        """The PF-ODE of ``ProductDenoiser`` from ``x + σ_max ε`` down the solver grid."""
-        z = centers + self._noise(centers, generator)
-        return sample(ProductDenoiser(self.denoiser, centers, lam), z, self.sigmas, self.solver, self.eta, generator)
+        """The PF-ODE of ``ProductDenoiser`` from ``x + σ_max ε`` (or the truncated start) down the grid."""
+        product = ProductDenoiser(self.denoiser, centers, lam)
+        if self.start_factor is None:
+            z = centers + self._noise(centers, generator)
+            return sample(product, z, self.sigmas, self.solver, self.eta, generator)
+        sigmas = self.start_grid(lam)
+        n = centers.shape[0] // self.num_samples
+        mean = self.denoiser.denoise(centers[:n], as_sigma(lam, centers[:n])).repeat(
+            self.num_samples, *([1] * (centers.ndim - 1)))
+        z = mean + sigmas[0] * torch.randn(centers.shape, generator=generator, dtype=centers.dtype,
+                                           device=centers.device)
+        return sample(product, z, sigmas, self.solver, self.eta, generator)
 
     def _decay(self, i: int, lam: float) -> float:
         """exp(−Δs/λ²) over solver step i (σ_i → σ_{i+1}), Δs in the ``kernel_time`` convention times
@@ -180,7 +212,7 @@ class MSDGuidance(Guidance):
 
     def _stable_solve(self, centers: Tensor, lam: float, generator: torch.Generator | None) -> Tensor:
         ascending = torch.tensor(self.sigmas[::-1], dtype=torch.float64)
-        anchors = ddim_invert(self.denoiser, centers, ascending).flip(0)  # anchors[i] at self.sigmas[i]
+        anchors = ddim_invert(self.inversion_denoiser, centers, ascending).flip(0)  # anchors[i] at self.sigmas[i]
         z = anchors[0] + (self._noise(centers, generator) - anchors[0]) * self._decay(0, lam)
         for i, (sigma, sigma_next) in enumerate(zip(self.sigmas[:-1], self.sigmas[1:])):
             z = solver_step(self.denoiser, z, sigma, sigma_next, self.solver)

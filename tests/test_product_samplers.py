@@ -115,6 +115,17 @@ def test_the_bound_discriminates_eq12_ode_is_not_a_sampler(fractal, centres, ref
     assert (std_ratio < 0.01).all(), std_ratio
 
 
+def test_truncated_start_matches_exact_product_samples(fractal, centres, reference):
+    """start_factor = 10: the ODE starts at σ_s = 10λ from D(x, λ) + σ_s ε (Heun, 17 levels, 34 evaluations)."""
+    lam, _, floor, _ = reference
+    samples = draw(fractal[1], centres, lam, seed=1, sampler="product_ode", solver="heun", solver_steps=17,
+                   start_factor=10.0)
+    mmd, std_ratio, mean_err = scores(samples, reference)
+    assert max(mmd) <= FLOOR_FACTOR * floor + FLOOR_MARGIN, (mmd, floor)
+    assert ((std_ratio - 1).abs() <= 0.1).all(), std_ratio
+    assert (mean_err <= 0.15).all(), mean_err
+
+
 # ----- 6. the stochastic variant -------------------------------------------------------------------------------
 
 def test_stochastic_product_ode_matches_exact_product_samples(fractal, centres, reference):
@@ -147,6 +158,9 @@ def test_stochastic_product_ode_is_seeded(fractal):
     ({"sampler": "tweedie", "num_samples": 2}, "guidance.num_samples"),
     ({"kernel_time": "bogus"}, "guidance.kernel_time"),
     ({"kernel_time_scale": 0.0}, "guidance.kernel_time_scale"),
+    ({"sampler": "tweedie", "start_factor": 3.0}, "guidance.start_factor"),
+    ({"start_factor": 0.0}, "guidance.start_factor"),
+    ({"inversion_scale": -2.0}, "guidance.inversion_scale"),
 ])
 def test_bad_sampler_settings_name_the_field(fractal, kwargs, field):
     with pytest.raises(ValueError, match=field):
