@@ -1,11 +1,18 @@
 """The one figure builder of results/table4/<prior>/: every figure there is redrawn from the run directories
-``<runs-dir>/<method>/`` of ``eval.reproduce_table4`` (config.yaml, final.json, metrics.csv, images.npz).
+``<runs-dir>/<method>/seed<k>/`` of ``eval.reproduce_table4`` (config.yaml, final.json, metrics.csv, images.npz).
+metrics.csv has one row per iteration; the evaluation metrics (FID, ...) only on the evaluation rows (iteration 0,
+every ``task.eval.every`` and the last), which are the runs' curves (:attr:`Table4Run.curve`).
 
-* ``fid_vs_iter.png`` — FID against the DDIM reference over the optimisation iterations (on ShapesWorld also
-  FID against true renders and the prompt accuracy), one line per method; the DDIM row as a dashed level.
-* ``fid_vs_compute.png`` — the same FID against the cumulative UNet evaluations per image (log scale); the
-  DDIM row as a point at its own cost.
-* ``images_<method>.png`` — each method's final images, one row per prompt.
+Each method is drawn as the mean over its seeds with a shaded band of ± one standard deviation over seeds
+(sample std, ddof 1; no band for a single seed):
+
+* ``fid_vs_iter.png`` — FID against the DDIM reference over the optimisation iterations (and a panel per extra
+  curve metric the runs have: FID against true renders, KID, prompt accuracy); the DDIM row as a dashed level.
+* ``fid_vs_compute.png`` — the same FID against the seed-mean cumulative UNet evaluations per image (log x);
+  the DDIM row as a point at its own cost.
+* ``loss_vs_iter.png`` — the per-iteration loss ½‖x − sg(y)‖² and ``grad_norm`` (mean ‖x − y‖ per image), mean
+  over seeds (log y).
+* ``images_<method>.png`` — each method's final images of its first seed (seed 0), one row per prompt.
 
 ``python -m eval.table4_figures --prior shapes`` rebuilds them; ``eval.reproduce_table4`` draws through the
 same functions.
@@ -29,13 +36,18 @@ from experiments.text2d import image_grid_figure
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PRIORS = ("shapes", "sd21", "sd15")
 REFERENCE_METHOD = "ddim"
-METHOD_ORDER = ("ddim", "sds", "vsd", "sdi", "msd_stable", "msd_ode")
+EVALUATION_METRIC = "fid"
+"""The column that marks metrics.csv's evaluation rows (NaN on the other iterations)."""
+METHOD_ORDER = ("ddim", "sds", "vsd", "sdi", "msd", "msd_tweedie", "msd_stable", "msd_ode")
 METHOD_TITLES = {"ddim": "DDIM (reference)", "sds": "SDS", "vsd": "VSD", "sdi": "SDI",
-                 "msd_stable": "MSD (eq. 15 stable)", "msd_ode": "MSD (eq. 12 ODE)"}
-METHOD_COLORS = {"ddim": "#444444", "sds": "#1f77b4", "vsd": "#2ca02c", "sdi": "#9467bd",
-                 "msd_stable": "#ff7f0e", "msd_ode": "#d62728"}
-CURVE_PANELS = {"fid": "FID vs DDIM reference", "fid_true": "FID vs true renders",
+                 "msd": "MSD (product ODE)", "msd_tweedie": "MSD (Tweedie)", "msd_stable": "MSD (eq. 15 stable)",
+                 "msd_ode": "MSD (eq. 12 ODE)"}
+METHOD_COLORS = {"ddim": "#444444", "sds": "#1f77b4", "vsd": "#2ca02c", "sdi": "#9467bd", "msd": "#d62728",
+                 "msd_tweedie": "#e377c2", "msd_stable": "#ff7f0e", "msd_ode": "#8c564b"}
+CURVE_PANELS = {"fid": "FID vs DDIM reference", "fid_true": "FID vs true renders", "kid": "KID vs DDIM reference",
                 "prompt_accuracy": "prompt accuracy"}
+LOSS_PANELS = {"loss": "loss ½‖x − sg(y)‖² (batch mean)", "grad_norm": "‖x − y‖ per image (mean)"}
+BAND_ALPHA = 0.18
 
 
 def default_runs_dir(prior: str) -> Path:
@@ -46,18 +58,34 @@ def default_results_dir(prior: str) -> Path:
     return REPO_ROOT / "results" / "table4" / prior
 
 
+def seed_dir_name(seed: int) -> str:
+    return f"seed{seed}"
+
+
 @dataclass
 class Table4Run:
-    """A finished text-to-2D run directory: resolved config, final metrics and the metrics curve."""
+    """A finished text-to-2D run directory: resolved config, final metrics and metrics.csv (one row per
+    iteration; the evaluation metrics on the evaluation rows only)."""
 
     path: Path
     config: DictConfig
     final: dict
-    curve: pd.DataFrame
+    metrics: pd.DataFrame
 
     @property
     def method(self) -> str:
         return self.final["method"]
+
+    @property
+    def seed(self) -> int:
+        return int(self.final.get("seed", self.config.get("seed", 0)))
+
+    @property
+    def curve(self) -> pd.DataFrame:
+        """The evaluation rows of metrics.csv (where FID was computed)."""
+        if EVALUATION_METRIC not in self.metrics:
+            return self.metrics.iloc[0:0]
+        return self.metrics[self.metrics[EVALUATION_METRIC].notna()].reset_index(drop=True)
 
     @property
     def title(self) -> str:
@@ -83,46 +111,102 @@ def method_rank(method: str) -> tuple[int, str]:
 
 
 def find_table4_runs(runs_dir: Path) -> list[Table4Run]:
-    """The finished text-to-2D runs ``<runs_dir>/*/final.json``, in the table's method order (one per method)."""
-    runs = [load_run(path.parent) for path in sorted(Path(runs_dir).glob("*/final.json"))]
+    """The finished text-to-2D runs ``<runs_dir>/<method>/seed<k>/final.json``, in the table's method order,
+    then by seed. Raises if a run's method (final.json) is not the directory it lies in (a preset whose label
+    changed), or if two runs share a method and seed."""
+    runs = [load_run(path.parent) for path in sorted(Path(runs_dir).glob("*/seed*/final.json"))]
     runs = [run for run in runs if run.config.task.name == "text2d"]
-    seen: dict[str, Path] = {}
+    seen: dict[tuple[str, int], Path] = {}
     for run in runs:
-        if run.method in seen:
-            raise ValueError(f"two runs of method {run.method!r} under {runs_dir}: {seen[run.method]} and {run.path}")
-        seen[run.method] = run.path
-    return sorted(runs, key=lambda run: method_rank(run.method))
+        if run.path.parent.name != run.method or run.path.name != seed_dir_name(run.seed):
+            raise ValueError(f"{run.path} holds a run of method {run.method!r}, seed {run.seed}: expected "
+                             f"<runs-dir>/{run.method}/{seed_dir_name(run.seed)} (did a preset's label change? "
+                             "rerun with --force)")
+        key = (run.method, run.seed)
+        if key in seen:
+            raise ValueError(f"two runs of method {run.method!r} seed {run.seed} under {runs_dir}: {seen[key]} and "
+                             f"{run.path}")
+        seen[key] = run.path
+    return sorted(runs, key=lambda run: (method_rank(run.method), run.seed))
 
 
-def reference_run(runs: list[Table4Run]) -> Table4Run | None:
-    return next((run for run in runs if run.method == REFERENCE_METHOD), None)
+def runs_by_method(runs: list[Table4Run]) -> dict[str, list[Table4Run]]:
+    """{method: its runs by seed}, in the table's method order."""
+    groups: dict[str, list[Table4Run]] = {}
+    for run in sorted(runs, key=lambda run: (method_rank(run.method), run.seed)):
+        groups.setdefault(run.method, []).append(run)
+    return groups
+
+
+def reference_runs(runs: list[Table4Run]) -> list[Table4Run]:
+    return [run for run in runs if run.method == REFERENCE_METHOD]
+
+
+def seed_curve(runs: list[Table4Run], metric: str, rows: str = "evaluations") -> pd.DataFrame:
+    """One method's ``metric`` over the iterations across its seeds: columns iteration, unet_evals (mean over
+    seeds), mean, std (sample std over seeds, ddof 1; 0 where one seed has the iteration) and n (seeds). ``rows``:
+    "evaluations" (the evaluation rows) or "all" (every iteration of metrics.csv, e.g. for the loss)."""
+    frames = [(run.curve if rows == "evaluations" else run.metrics) for run in runs]
+    frames = [frame[["iteration", "unet_evals", metric]].dropna(subset=[metric]) for frame in frames if metric in frame]
+    if not frames:
+        return pd.DataFrame(columns=["iteration", "unet_evals", "mean", "std", "n"])
+    grouped = pd.concat(frames, ignore_index=True).groupby("iteration", sort=True)
+    return pd.DataFrame({"unet_evals": grouped["unet_evals"].mean(), "mean": grouped[metric].mean(),
+                         "std": grouped[metric].std(ddof=1).fillna(0.0), "n": grouped[metric].count()}).reset_index()
 
 
 def _log_scale_if_positive(ax, values: pd.Series, axis: str) -> None:
+    values = pd.Series(values).dropna()
     if len(values) and (values > 0).all():
         (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
 
 
+def _band(ax, x, curve: pd.DataFrame, color, label: str) -> None:
+    """The seed mean as a line, ± one std over seeds as a shaded band (where more than one seed)."""
+    ax.plot(x, curve["mean"], marker="o", markersize=2.0, linewidth=1.2, color=color, label=label)
+    if (curve["n"] > 1).any():
+        ax.fill_between(x, curve["mean"] - curve["std"], curve["mean"] + curve["std"], color=color,
+                        alpha=BAND_ALPHA, linewidth=0)
+
+
+def _label(runs: list[Table4Run]) -> str:
+    return f"{runs[0].title} ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
+
+
+def _reference_level(ax, reference: list[Table4Run], metric: str) -> None:
+    """The DDIM row's final ``metric``: mean over seeds as a dashed level, ± std as a band."""
+    values = np.array([run.final[metric] for run in reference if metric in run.final], dtype=float)
+    if not len(values):
+        return
+    mean, std = float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    run = reference[0]
+    ax.axhline(mean, color=run.color, linestyle="--", linewidth=1,
+               label=f"{_label(reference)}, {run.final['iterations']} steps")
+    if std > 0:
+        ax.axhspan(mean - std, mean + std, color=run.color, alpha=BAND_ALPHA / 2, linewidth=0)
+
+
 def fid_vs_iter_figure(runs: list[Table4Run]) -> Figure:
     """One panel per curve metric the runs have (FID vs DDIM; on ShapesWorld also FID vs true renders and
-    prompt accuracy) over the iterations; the DDIM reference as a dashed horizontal level."""
+    prompt accuracy; KID where recorded) over the iterations, seed mean ± std; the DDIM row as a dashed level."""
+    groups = runs_by_method(runs)
     panels = [metric for metric in CURVE_PANELS if any(metric in run.curve for run in runs)]
     figure = Figure(figsize=(4.2 * len(panels), 3.4))
     axes = figure.subplots(1, len(panels), squeeze=False)[0]
-    reference = reference_run(runs)
     for ax, metric in zip(axes, panels):
-        for run in runs:
-            if run is reference or metric not in run.curve:
+        values = []
+        for method, group in groups.items():
+            if method == REFERENCE_METHOD:
                 continue
-            ax.plot(run.curve["iteration"], run.curve[metric], marker="o", markersize=2.5, linewidth=1.2,
-                    color=run.color, label=run.title)
-        if reference is not None and metric in reference.curve:
-            ax.axhline(float(reference.curve[metric].iloc[-1]), color=reference.color, linestyle="--", linewidth=1,
-                       label=f"{reference.title}, {reference.final['iterations']} steps")
+            curve = seed_curve(group, metric)
+            if len(curve):
+                _band(ax, curve["iteration"], curve, group[0].color, _label(group))
+                values.append(curve["mean"])
+        _reference_level(ax, groups.get(REFERENCE_METHOD, []), metric)
         if metric == "prompt_accuracy":
             ax.set_ylim(-0.02, 1.02)
-        else:
-            _log_scale_if_positive(ax, pd.concat([run.curve[metric] for run in runs if metric in run.curve]), "y")
+        elif values:
+            _log_scale_if_positive(ax, pd.concat(values), "y")
         ax.set_xlabel("iteration")
         ax.set_title(CURVE_PANELS[metric], fontsize=9)
         ax.grid(alpha=0.3, which="both")
@@ -132,24 +216,32 @@ def fid_vs_iter_figure(runs: list[Table4Run]) -> Figure:
 
 
 def fid_vs_compute_figure(runs: list[Table4Run]) -> Figure:
-    """FID vs the DDIM reference against cumulative UNet evaluations per image (log x; iteration 0, which
-    costs nothing, is left out); the DDIM reference as a point at its cost with a dashed level."""
+    """FID vs the DDIM reference against the seed-mean cumulative UNet evaluations per image (log x; iteration 0,
+    which costs nothing, is left out), seed mean ± std; the DDIM row as a point at its cost with a dashed level."""
+    groups = runs_by_method(runs)
     figure = Figure(figsize=(5.2, 3.6))
     ax = figure.subplots()
-    reference = reference_run(runs)
-    for run in runs:
-        if run is reference:
+    values = []
+    for method, group in groups.items():
+        if method == REFERENCE_METHOD:
             continue
-        curve = run.curve[run.curve["unet_evals"] > 0]
-        ax.plot(curve["unet_evals"], curve["fid"], marker="o", markersize=2.5, linewidth=1.2, color=run.color,
-                label=run.title)
-    if reference is not None:
-        point = reference.curve.iloc[-1]
-        ax.axhline(float(point["fid"]), color=reference.color, linestyle="--", linewidth=0.8)
-        ax.plot([float(point["unet_evals"])], [float(point["fid"])], marker="*", markersize=11, linestyle="none",
-                color=reference.color, label=f"{reference.title}, {reference.final['iterations']} steps")
+        curve = seed_curve(group, "fid")
+        curve = curve[curve["unet_evals"] > 0]
+        if len(curve):
+            _band(ax, curve["unet_evals"], curve, group[0].color, _label(group))
+            values.append(curve["mean"])
+    reference = groups.get(REFERENCE_METHOD, [])
+    if reference:
+        fids = np.array([run.final["fid"] for run in reference], dtype=float)
+        evals = float(np.mean([run.final["unet_evals"] for run in reference]))
+        std = float(fids.std(ddof=1)) if len(fids) > 1 else 0.0
+        ax.axhline(float(fids.mean()), color=reference[0].color, linestyle="--", linewidth=0.8)
+        ax.errorbar([evals], [float(fids.mean())], yerr=[std], marker="*", markersize=11, linestyle="none",
+                    color=reference[0].color, label=f"{_label(reference)}, {reference[0].final['iterations']} steps")
+        values.append(pd.Series(fids))
     ax.set_xscale("log")
-    _log_scale_if_positive(ax, pd.concat([run.curve["fid"] for run in runs]), "y")
+    if values:
+        _log_scale_if_positive(ax, pd.concat(values), "y")
     ax.set_xlabel("cumulative UNet evaluations per image")
     ax.set_ylabel("FID vs DDIM reference")
     ax.grid(alpha=0.3, which="both")
@@ -158,18 +250,45 @@ def fid_vs_compute_figure(runs: list[Table4Run]) -> Figure:
     return figure
 
 
+def loss_vs_iter_figure(runs: list[Table4Run]) -> Figure:
+    """The per-iteration loss and grad_norm of every optimised method (every row of metrics.csv), mean over seeds
+    ± std, log y. The DDIM row has no loss."""
+    groups = {m: g for m, g in runs_by_method(runs).items() if m != REFERENCE_METHOD}
+    panels = [metric for metric in LOSS_PANELS if any(metric in run.metrics for g in groups.values() for run in g)]
+    panels = panels or ["loss"]
+    figure = Figure(figsize=(4.4 * len(panels), 3.4))
+    axes = figure.subplots(1, len(panels), squeeze=False)[0]
+    for ax, metric in zip(axes, panels):
+        values = []
+        for group in groups.values():
+            curve = seed_curve(group, metric, rows="all")
+            if len(curve):
+                _band(ax, curve["iteration"], curve, group[0].color, _label(group))
+                values.append(curve["mean"])
+        if values:
+            _log_scale_if_positive(ax, pd.concat(values), "y")
+        ax.set_xlabel("iteration")
+        ax.set_title(LOSS_PANELS[metric], fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+    if any(ax.get_legend_handles_labels()[0] for ax in axes):
+        axes[0].legend(fontsize=7)
+    figure.tight_layout()
+    return figure
+
+
 def images_figure(run: Table4Run) -> Figure:
     """The run's final images (one row per prompt), redrawn from images.npz."""
     images, prompts = run.images()
     scale = float(run.final["guidance_scale"])
-    title = f"{run.title} on {run.final['prior']}, w={scale:g}: FID {run.final['fid']:.2f}"
+    title = f"{run.title} on {run.final['prior']}, w={scale:g}, seed {run.seed}: FID {run.final['fid']:.2f}"
     return image_grid_figure(images, prompts, int(run.config.task.images_per_prompt), title)
 
 
 def build_figures(runs: list[Table4Run], results_dir: Path) -> dict[str, Figure]:
     """Draw and atomically save every figure of ``results_dir``; returns {file name: figure}."""
     figures = {"fid_vs_iter.png": fid_vs_iter_figure(runs), "fid_vs_compute.png": fid_vs_compute_figure(runs),
-               **{f"images_{run.method}.png": images_figure(run) for run in runs}}
+               "loss_vs_iter.png": loss_vs_iter_figure(runs),
+               **{f"images_{method}.png": images_figure(group[0]) for method, group in runs_by_method(runs).items()}}
     for name, figure in figures.items():
         save_figure(Path(results_dir) / name, figure)
     return figures
@@ -179,7 +298,7 @@ def build_all(runs_dir: Path, results_dir: Path) -> list[str]:
     """Redraw every figure of ``results_dir`` from the run directories under ``runs_dir``; returns the files."""
     runs = find_table4_runs(runs_dir)
     if not runs:
-        raise FileNotFoundError(f"no finished text-to-2D runs (*/final.json) under {runs_dir}")
+        raise FileNotFoundError(f"no finished text-to-2D runs (*/seed*/final.json) under {runs_dir}")
     return list(build_figures(runs, results_dir))
 
 
