@@ -45,9 +45,10 @@ reproduce-toy2d-studies: venv
 	$(PY) -m eval.landscapes
 	$(PY) -m eval.toy2d_figures
 
-# Table 4 (text-to-2D FID vs iterations): PRIOR=sd21 (GPU node with the weights) or PRIOR=shapes (this CPU)
+# Table 4 (text-to-2D FID vs iterations): PRIOR=sd21 (GPU node with the weights) or PRIOR=shapes (this CPU);
+# seeds 0..2 per method into outputs/table4/<prior>/<method>/seed<k>/; SEEDS="sdi=2 msd=2" overrides rows
 reproduce-table4: venv
-	$(PY) -m eval.reproduce_table4 --prior $(PRIOR) $(if $(INCEPTION),task.eval.inception_path=$(INCEPTION)) $(TABLE4_ARGS)
+	$(PY) -m eval.reproduce_table4 --prior $(PRIOR) $(if $(INCEPTION),task.eval.inception_path=$(INCEPTION)) $(TABLE4_ARGS) $(if $(SEEDS),--seeds $(SEEDS))
 
 reproduce-table4-quick: venv
 	$(PY) -m eval.reproduce_table4 --prior shapes --quick
