@@ -89,6 +89,7 @@ def check_task(cfg: DictConfig) -> None:
     require(task.eval.features != "inception" or task.eval.inception_path,
             "task.eval.inception_path", "a TorchScript Inception file when task.eval.features=inception",
             task.eval.inception_path)
+    Scorer.check(cfg)
 
 
 def build_generator(cfg: DictConfig, prior: DiffusersPrior, batch: int, generator: torch.Generator) -> nn.Module:
@@ -340,20 +341,21 @@ def optimise(cfg: DictConfig, setup: Text2DSetup, scorer: Scorer, rows: list[dic
         out = setup.generator()
         return setup.prior.encode(out) if image_space else out
 
-    def score(iteration: int, evals: float, final: bool = False) -> Tensor:
-        """Score the current images (float32 CPU, [−1, 1]), record the row and return the images."""
+    def score(row: dict, final: bool = False) -> Tensor:
+        """Score the current images (float32 CPU, [−1, 1]) into ``row`` and return the images."""
         with torch.no_grad():
             images = (setup.generator().clamp(-1, 1).float().cpu() if image_space
                       else decode_images(setup.prior, setup.generator()))
-        row = {"iteration": iteration, "unet_evals": evals, **scorer(images, final)}
-        rows.append(row)
-        logger.log_scalars(row, step=iteration)
+        scores = scorer(images, final)
+        row.update(scores)
+        logger.log_scalars(scores, step=row["iteration"])
         return images
 
     saved = checkpoint.load()
     if saved is None:
         evals, seconds, done = 0.0, 0.0, 0
-        score(0, 0.0)
+        rows.append({"iteration": 0, "unet_evals": 0.0})
+        score(rows[-1])
     else:
         setup.generator.load_state_dict(saved["image_generator"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -375,12 +377,15 @@ def optimise(cfg: DictConfig, setup: Text2DSetup, scorer: Scorer, rows: list[dic
         seconds += time.perf_counter() - tic
         evals += float(out.aux.get("nfe", 0.0))
         done = step + 1
+        rows.append({"iteration": done, "unet_evals": evals, "loss": float(loss.detach()), **out.aux})
+        logger.log_scalars(rows[-1], step=done)
         if done % int(task.eval.every) == 0 and done < int(task.steps):
-            logger.log_scalars({"loss": float(loss.detach()), **out.aux}, step=done)
-            score(done, evals)
+            score(rows[-1])
         if checkpoint.due(done) and done < int(task.steps):
             checkpoint.save(done, {"image_generator": setup.generator.state_dict(), "optimizer": optimizer.state_dict(),
                                    "guidance": setup.guidance.state_dict(), "generator": generator.get_state(),
                                    "rows": [dict(r) for r in rows], "evals": evals, "seconds": seconds})
-    images = score(done, evals, final=True)
+    if rows[-1]["iteration"] != done:  # stopped before its first step (MSD's bandwidth already below λ_min)
+        rows.append({"iteration": done, "unet_evals": evals})
+    images = score(rows[-1], final=True)
     return images, done, seconds, 1e3 * seconds / max(done, 1)

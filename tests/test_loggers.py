@@ -132,11 +132,11 @@ def test_sweep_runs_are_grouped_and_tagged_by_the_sweep(tmp_path):
 
 
 @pytest.mark.parametrize("overrides,expected", [
-    (["experiment=table4_shapes", "guidance=t2d_msd"], ("table4_shapes", "msd_stable", ["task:text2d", "prior:shapes",
+    (["experiment=table4_shapes", "guidance=t2d_msd"], ("table4_shapes", "msd", ["task:text2d", "prior:shapes",
                                                                                          "guide:cfg"])),
     (["experiment=table4", "prior=sd15", "guidance=t2d_ddim"], ("table4", "ddim", ["task:text2d", "prior:sd15",
                                                                                    "guide:cfg"])),
-    (["sweep=text2d_bandwidth"], ("sweep/text2d_bandwidth", "msd_stable",
+    (["sweep=text2d_bandwidth"], ("sweep/text2d_bandwidth", "msd",
                                   ["task:text2d", "prior:shapes", "guide:cfg", "sweep:text2d_bandwidth"])),
     (["guidance=sds", "denoiser=learned", "guide=autoguidance", "guidance_scale=3"],
      ("toy2d", "sds", ["task:toy2d", "denoiser:learned", "guide:autoguidance"])),

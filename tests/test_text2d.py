@@ -41,7 +41,8 @@ def compose_config(prior: Path, cache: Path, *overrides: str):
     ("t2d_sds", 2.0), ("t2d_sdi", 2.0 * (10 + 7 + 4) / 3 + 2.0), ("t2d_vsd", 2.0 + 1 + 1), ("t2d_msd", None),
     ("t2d_msd_ode", None)])
 def test_text2d_run_writes_fid_curve_images_and_final(tiny_pixel_prior, tmp_path, guidance, evals_per_iter):
-    cfg = compose_config(tiny_pixel_prior, tmp_path / "cache", f"guidance={guidance}")
+    lowest = ["guidance.lambda_min=0.1"] if guidance.startswith("t2d_msd") else []  # all 3 steps above λ_min
+    cfg = compose_config(tiny_pixel_prior, tmp_path / "cache", f"guidance={guidance}", *lowest)
     final = run(cfg, tmp_path / "run")
     rows = pd.read_csv(tmp_path / "run" / "metrics.csv")
     assert list(rows.iteration) == [0, 1, 2, 3]  # one row per iteration: loss and aux scalars
