@@ -2,8 +2,10 @@
 
 Runs {ddim, sds, vsd, sdi, msd, msd_tweedie} × {exact, learned} × {no guidance, CFG w = 4 with the class-AB
 guide}, plus autoguidance (w = 3, the weak class-A guide) for the learned denoiser, and in the exact unguided
-setting only MSD with exact product sampling (``msd_exact``, the reference for MSD's product sampler) and the
-eq. 12 ablation (``msd_ode``); each exactly as
+setting only MSD with exact product sampling (``msd_exact``, the reference for MSD's product sampler), the
+eq. 12 ablation (``msd_ode``), SDI with a fine (exact) inversion grid (``sdi_exact``) and VSD with the ideal
+particle model (``vsd_ideal``; these two are checks of the baselines, README "SDI and VSD checked exactly",
+and are table rows only, not figure columns); each exactly as
 ``python -m experiments.run <overrides> hydra.run.dir=<runs-dir>/<denoiser>_<guide>_w<scale>/<method>/``
 would run it (the command is printed), in ``--jobs`` long-lived single-threaded worker processes, then writes ``<results-dir>/metrics.csv``,
 ``metrics.md`` and ``figure_grid.png`` from those run directories. The mode metrics (precision, recall,
@@ -40,10 +42,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from eval.figures import METHOD_COLUMNS, RunRecord, setting_order
+from eval.figures import METHOD_COLUMNS, RunRecord, find_runs, setting_order
 from eval.io import replace_block, save_figure, write_csv, write_json, write_text
 from eval.processes import is_done, prepare_rerun, run_in_workers
-from eval.toy2d_figures import RESULTS_DIR, RUNS_DIR, dataset_results_dir, dataset_runs_dir, grid_runs, particles_grid
+from eval.toy2d_figures import RESULTS_DIR, RUNS_DIR, dataset_results_dir, dataset_runs_dir, particles_grid
 from eval.tracking import records as records_of
 from eval.tracking import study_logger
 from eval.toy_metrics import (MMD_BANDWIDTHS, MODE_BANDWIDTH, MODE_METRICS_VERSION, MODE_N_REFERENCE, PR_K,
@@ -59,6 +61,9 @@ MODE_COLUMNS = ("precision", "recall", "mmd", "mode_distance")
 TABLE_COLUMNS = ("method", "denoiser", "guide", "guidance_scale", "nll", "nll_median", "in_hdr", *MODE_COLUMNS,
                  "steps", "nfe", "seconds", "particles", "run_dir")
 MODE_METRICS_FILE = "mode_metrics.json"
+TABLE_METHODS = ("ddim", "sds", "vsd", "vsd_ideal", "sdi", "sdi_exact", "msd", "msd_tweedie", "msd_ode", "msd_exact")
+"""The table's methods, in its order: the figure's columns (``eval.figures.METHOD_COLUMNS``) plus the exact checks
+of the baselines (``vsd_ideal``, ``sdi_exact``), which are rows of the table only."""
 
 
 def readme_markers(dataset: str) -> tuple[str, str]:
@@ -96,7 +101,7 @@ def run_overrides(method: str, setting: tuple[str, str, float], extra: list[str]
             f"guidance_scale={scale:g}", *extra]
 
 
-COST_ORDER = ("msd", "msd_ode", "sdi", "vsd", "msd_exact", "sds", "msd_tweedie", "ddim")
+COST_ORDER = ("msd", "sdi_exact", "msd_ode", "sdi", "vsd_ideal", "vsd", "msd_exact", "sds", "msd_tweedie", "ddim")
 """Longest runs first (measured), so that parallel workers finish together."""
 
 
@@ -117,10 +122,12 @@ def run_jobs(runs_dir: Path, jobs: list[tuple[tuple[str, str, float], str]], ext
                     for setting, method in ordered], workers)
 
 
-EXACT_UNGUIDED_ONLY = ("msd_exact", "msd_ode")
+EXACT_UNGUIDED_ONLY = ("msd_exact", "msd_ode", "sdi_exact", "vsd_ideal")
 """Exact product sampling exists only for the bare exact mixture (a guided density is no mixture). The eq. 12
 ablation runs there only too: its collapse is the same in every setting (measured once with the learned model,
-CFG and autoguidance; README), and with the 65-evaluation default sampler the grid must still fit its 5 minutes."""
+CFG and autoguidance; README), and with the 65-evaluation default sampler the grid must still fit its 5 minutes.
+``sdi_exact`` (100 inversion steps) and ``vsd_ideal`` are checks of the baselines where everything is exact, and
+the costliest rows after MSD's (about 60 s and 30 s of run loop)."""
 
 
 def applicable(method: str, setting: tuple[str, str, float]) -> bool:
@@ -172,7 +179,7 @@ def metrics_table(records: list[RunRecord], root: Path) -> pd.DataFrame:
     rows = [{**{k: r.final[k] for k in TABLE_COLUMNS if k in r.final}, **{k: m[k] for k in MODE_COLUMNS},
              "run_dir": str(r.path.relative_to(root))} for r, m in zip(records, map(mode_metrics, records))]
     table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
-    order = [(setting_order(r.setting), METHOD_COLUMNS.index(r.final["method"])) for r in records]
+    order = [(setting_order(r.setting), TABLE_METHODS.index(r.final["method"])) for r in records]
     return table.iloc[sorted(range(len(records)), key=order.__getitem__)].reset_index(drop=True)
 
 
@@ -229,7 +236,7 @@ def write_results(runs_dir: Path, results_dir: Path, dataset: str = "fractal",
     """metrics.csv / metrics.md / figure_grid.png from the run directories of ``dataset`` (runs of another
     dataset there are an error) and, if ``readme`` is given, its table block; the table and the figure also go
     to a W&B summary run in ``<runs-dir>/summary``."""
-    records = grid_runs(runs_dir)
+    records = [r for r in find_runs(runs_dir) if r.final.get("method") in TABLE_METHODS]
     if not records:
         raise FileNotFoundError(f"no finished runs (final.json) under {runs_dir}")
     found = sorted({task_dataset(r.config.task) for r in records})
@@ -241,7 +248,7 @@ def write_results(runs_dir: Path, results_dir: Path, dataset: str = "fractal",
     write_text(results_dir / "metrics.md", table_md)
     if readme is not None:  # the fractal's figure link follows its block in the README
         update_readme(readme, table_md, dataset, None if dataset == "fractal" else results_dir / "figure_grid.png")
-    figure = particles_grid(records)
+    figure = particles_grid([r for r in records if r.final["method"] in METHOD_COLUMNS])
     save_figure(results_dir / "figure_grid.png", figure)
     name = "toy2d-grid" if dataset == "fractal" else f"toy2d-grid-{dataset}"
     logger = study_logger(runs_dir / "summary", name, {"study": "toy2d_grid", "dataset": dataset,
@@ -264,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--readme", type=Path, default=None,
                         help="README whose table block of --dataset to replace (default: the repository's README "
                              "when the results go to their default directory, else none)")
-    parser.add_argument("--methods", default=",".join(METHOD_COLUMNS))
+    parser.add_argument("--methods", default=",".join(TABLE_METHODS))
     parser.add_argument("--denoisers", default="exact,learned")
     parser.add_argument("--force", action="store_true", help="rerun finished runs too")
     parser.add_argument("--aggregate-only", action="store_true", help="only rebuild the tables and figure")
