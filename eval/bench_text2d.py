@@ -44,9 +44,9 @@ METHODS = {  # row name -> guidance preset and overrides
     "sds": ("t2d_sds", ()),
     "vsd": ("t2d_vsd", ()),
     "sdi": ("t2d_sdi", ()),
-    "msd_product_ode": ("t2d_msd", ("guidance.sampler=product_ode",)),
-    "msd_tweedie": ("t2d_msd", ("guidance.sampler=tweedie",)),
-    "msd_stable": ("t2d_msd", ("guidance.sampler=stable",)),
+    "msd_product_ode": ("t2d_msd", ()),
+    "msd_tweedie": ("t2d_msd_tweedie", ()),
+    "msd_stable": ("t2d_msd_stable", ()),
 }
 STEPS = 400  # the paper's protocol
 
@@ -356,7 +356,12 @@ def main() -> None:
     rows, scorer_cache = [], {}
     for name in args.methods.split(","):
         print(f"  method {name} ...", flush=True)
-        rows.append(method_row(name, args.iters, scorer_cache, flops_per_sample, matmul))
+        try:
+            rows.append(method_row(name, args.iters, scorer_cache, flops_per_sample, matmul))
+        except Exception as error:  # noqa: BLE001 — recorded, the other methods still run
+            rows.append({"method": name, "error": f"{type(error).__name__}: {error}"[:300]})
+            print(f"    failed: {rows[-1]['error']}", flush=True)
+        write_csv(args.out, pd.DataFrame(rows))  # what is done so far
     frame = pd.DataFrame(rows)
     frame["matmul_gflop_per_s_at_end"] = round(matmul_gflops(), 1)  # the machine's load may have changed
     write_csv(args.out, frame)
