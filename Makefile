@@ -8,7 +8,7 @@ export WANDB_MODE ?= offline
 export PYTHONHASHSEED := 0
 
 .PHONY: venv test test-slurm reproduce reproduce-toy2d reproduce-toy2d-datasets reproduce-toy2d-studies \
-	reproduce-table4 reproduce-table4-quick toy2d-weights shapes-prior bench sweep-bandwidth sweep-guidance dashboards clean
+	reproduce-table4 reproduce-table4-quick reproduce-text2d-studies toy2d-weights shapes-prior bench sweep-bandwidth sweep-guidance dashboards clean
 PRIOR ?= sd21
 
 venv: .venv/.installed
@@ -49,6 +49,11 @@ reproduce-toy2d-studies: venv
 # seeds 0..2 per method into outputs/table4/<prior>/<method>/seed<k>/; SEEDS="sdi=2 msd=2" overrides rows
 reproduce-table4: venv
 	$(PY) -m eval.reproduce_table4 --prior $(PRIOR) $(if $(INCEPTION),task.eval.inception_path=$(INCEPTION)) $(TABLE4_ARGS) $(if $(SEEDS),--seeds $(SEEDS))
+
+# What MSD and the inversion-based methods do on ShapesWorld images: the bandwidth rule, drift vs sample noise,
+# DDIM-inversion round trips and SDI target ranges with / without the prior's data range (~10 min, 1 thread)
+reproduce-text2d-studies: venv
+	$(PY) -m eval.msd_images
 
 reproduce-table4-quick: venv
 	$(PY) -m eval.reproduce_table4 --prior shapes --quick

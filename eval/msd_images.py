@@ -4,10 +4,12 @@
 
 * ``msd_scales.csv`` — the bandwidth rule in image units, from true renders alone (12 prompts × 32 renders,
   per-coordinate units of pixels in [−1, 1], d = 3·32·32): two equal modes at Euclidean distance D give a
-  bimodal ``p ∗ G_λ`` along their segment iff λ < D/2, so ``lambda0`` = half the median distance from a render to
-  the nearest render of another prompt and ``lambda_min`` = half the median distance between a render and its
-  one-pixel shift; also the distance of the generator's initial images (the table-4 MLPs) to the nearest clean
-  render of their prompt.
+  bimodal ``p ∗ G_λ`` along their segment iff λ < D/2, so ``lambda0`` = half the median distance between two
+  renders of the same prompt (above it a prompt's modes merge into one basin: the optimisation starts from the
+  prompt's single smoothed mode, as the toy's √0.1 spans its fractal) and ``lambda_min`` = half the median
+  distance between a render and its one-pixel shift (below it every position is its own basin); also the
+  nearest other prompt's scale and the distance of the generator's initial images (the table-4 MLPs) to the
+  nearest clean render of their prompt.
 * ``msd_drift.csv`` — per λ and starting point (initial MLP images; true renders), the mean-shift drift
   ``‖D(x, λ) − x‖/√d`` (RMS per pixel; = λ²‖∇log p_λ(x)‖/√d for the ideal model) against the spread of single
   product samples around their mean (RMS per pixel over 4 product_ode samples, t2d_msd's sampler) — the signal
@@ -48,7 +50,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 OUT_DIR = REPO_ROOT / "results" / "table4" / "shapes"
 RENDERS_PER_PROMPT = 32
 SCALE = 4.0  # the table-4 CFG scale
-DRIFT_LAMBDAS = (0.1, 0.3, 1.0, 3.1, 6.2, 12.4)
+DRIFT_LAMBDAS = (0.3, 1.0, 3.1, 6.2, 12.2)
 PRODUCT_SAMPLES = 4
 INVERSION_STEPS = (10, 50, 200)
 INVERSION_TIMES = (0.5, 0.98)
@@ -91,8 +93,8 @@ def scales(cfg, prior) -> pd.DataFrame:
             ("nearest_other_prompt_distance_median", other.median()), ("one_pixel_shift_distance_median",
                                                                         one_pixel.median()),
             ("initial_image_distance_to_nearest_render_median", init_distance.median()),
-            ("lambda0", other.median() / 2), ("lambda_min", one_pixel.median() / 2),
-            ("lambda_merge_same_prompt", pair.median() / 2)]
+            ("lambda0", pair.median() / 2), ("lambda_min", one_pixel.median() / 2),
+            ("lambda_merge_nearest_other_prompt", other.median() / 2)]
     return pd.DataFrame([{"quantity": k, "value": float(v)} for k, v in rows])
 
 
@@ -111,8 +113,8 @@ def drift(cfg, prior) -> pd.DataFrame:
                 tweedie = denoiser.denoise(x, as_sigma(lam, x))
                 product = MSDGuidance(denoiser, sampler="product_ode", solver=msd_cfg["solver"],
                                       solver_steps=msd_cfg["solver_steps"], start_factor=msd_cfg["start_factor"],
-                                      num_samples=PRODUCT_SAMPLES, noise_schedule=prior.schedule)
-                draws = product.product_samples(x, lam, generator)
+                                      noise_schedule=prior.schedule)
+                draws = torch.cat([product.product_samples(x, lam, generator) for _ in range(PRODUCT_SAMPLES)])
                 row = {"start": kind, "lambda": lam,
                        "drift_rms": float((tweedie - x).flatten(1).norm(dim=1).mean() / math.sqrt(d)),
                        "sample_spread_rms": float((draws - draws.mean(0)).pow(2).mean().sqrt()
@@ -170,7 +172,7 @@ def targets_figure(cfg, prior, lam0: float, lam_min: float) -> Figure:
     msd_cfg = OmegaConf.to_container(cfg.guidance, resolve=True)
     product = MSDGuidance(denoiser, sampler="product_ode", solver=msd_cfg["solver"],
                           solver_steps=msd_cfg["solver_steps"], start_factor=msd_cfg["start_factor"],
-                          num_samples=2, noise_schedule=prior.schedule)
+                          noise_schedule=prior.schedule)
     lambdas = (lam0, (lam0 + lam_min) / 2, lam_min)
     columns = 1 + 3 * len(lambdas)
     figure = Figure(figsize=(0.95 * columns + 1.2, 0.95 * len(chosen) * len(starts) + 0.6))
@@ -181,7 +183,7 @@ def targets_figure(cfg, prior, lam0: float, lam_min: float) -> Figure:
         with torch.no_grad():
             for lam in lambdas:
                 panels.append((f"D(x,{lam:.2g})", denoiser.denoise(x, as_sigma(lam, x))))
-                draws = product.product_samples(x, lam, generator)
+                draws = [product.product_samples(x, lam, generator)[0] for _ in range(2)]
                 panels += [(f"y~ṗ λ={lam:.2g}", draws[0]), (f"y~ṗ λ={lam:.2g}", draws[1])]
         for r in range(len(chosen)):
             row = s * len(chosen) + r
