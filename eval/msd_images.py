@@ -39,12 +39,12 @@ from omegaconf import OmegaConf
 
 from baselines.sdi import SDIGuidance
 from eval.io import save_figure, write_csv
-from msd.denoiser import as_sigma, with_scale
+from msd.denoiser import as_sigma
 from msd.mean_shift import MSDGuidance
 from msd.priors import load_prior
 from msd.solvers import ddim_invert, sample
 from shapes.metrics import mode_alignment_distance
-from shapes.world import PROMPTS, render_params, sample_world
+from shapes.world import PROMPTS, ShapeParams, render_params, sample_world
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 OUT_DIR = REPO_ROOT / "results" / "table4" / "shapes"
@@ -57,7 +57,8 @@ INVERSION_TIMES = (0.5, 0.98)
 SDI_TIMES = (0.2, 0.5, 0.8, 0.98)
 
 
-def renders(per_prompt: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def renders(per_prompt: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[str], ShapeParams]:
+    """``per_prompt`` true renders of each of the 12 prompts (prompt-major), their ids, prompts and parameters."""
     ids = torch.arange(len(PROMPTS)).repeat_interleave(per_prompt)
     images, params = sample_world(len(ids), torch.Generator().manual_seed(seed), prompts=ids, resolution=32)
     return images, ids, [PROMPTS[int(i)] for i in ids], params

@@ -38,7 +38,6 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
