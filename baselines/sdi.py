@@ -25,6 +25,7 @@ from msd.guidance import GuidanceOutput, register, require, summarize
 from msd.solvers import ddim_invert
 
 INVERSION_GRIDS = ("uniform", "global")
+GRID_TOLERANCE = 1e-6
 
 
 @register("sdi")
@@ -43,9 +44,11 @@ class SDIGuidance(NoisedGuidance):
         self.inversion_denoiser = with_scale(denoiser, inversion_scale)  # SDI's negative CFG
 
     def global_grid(self, t_top: float) -> Tensor:
-        """The official grid's levels from 0 to σ(t_top): times ``k/n < t_top``, then ``t_top``."""
+        """The official grid's levels from 0 to σ(t_top): times ``k/n < t_top``, then ``t_top`` (a grid time within
+        ``GRID_TOLERANCE`` of t_top is t_top itself, e.g. 0.5 from 0.98 − 0.48 in floating point)."""
         n = self.inversion_steps
-        times = torch.tensor([k / n for k in range(n) if k / n < t_top] + [t_top], dtype=torch.float64)
+        below = [k / n for k in range(n) if k / n < t_top - GRID_TOLERANCE]
+        times = torch.tensor(below + [t_top], dtype=torch.float64)
         levels = self.noise_schedule.sigma(times)
         levels[0] = 0.0
         return levels

@@ -171,5 +171,12 @@ def test_sdi_global_grid_is_the_official_ddim_grid_cut_at_t():
     expected = schedule.sigma(torch.tensor([0.0, 0.1, 0.2, 0.3, 0.4, 0.45], dtype=torch.float64))
     assert levels[0] == 0 and torch.allclose(levels[1:], expected[1:])
     assert len(sdi.global_grid(0.98)) - 1 == 10 and len(sdi.global_grid(0.1)) - 1 == 1
+    from msd.schedules import VPSchedule
+
+    vp = SDIGuidance(GaussianDenoiser(torch.zeros(2), 1.0), noise_schedule=VPSchedule.stable_diffusion(),
+                     inversion_grid="global", timestep_mode="linear", total_steps=60)
+    for step in range(60):  # t = 0.98 − 0.96·55/60 = 0.1000000000000001 lands on the grid time 0.1
+        t = float(vp.timesteps.t(1, step)[0])
+        assert bool((vp.global_grid(t).float().diff() > 0).all()), t
     with pytest.raises(ValueError, match="guidance.inversion_grid"):
         SDIGuidance(GaussianDenoiser(torch.zeros(2), 1.0), inversion_grid="fine")
