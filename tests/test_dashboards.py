@@ -42,7 +42,7 @@ def logged(tmp_path_factory):
         'task.prompts=["a red circle","a blue square"]', "task.images_per_prompt=2", "task.steps=2",
         "task.eval.every=1", "task.eval.reference_per_prompt=2", "task.eval.reference_steps=2", "task.solver_steps=2",
         f"task.eval.cache_dir={tmp / 'cache'}", f"hydra.sweep.dir={tmp / 'table4'}",
-        "hydra.sweep.subdir=${hydra:runtime.choices.guidance}")
+        "hydra.sweep.subdir=${guidance.name}/seed${seed}")  # reproduce_table4's <method>/seed<k> layout
     study, landscape = gradient_quality.run_study, landscapes.run_landscapes
     with pytest.MonkeyPatch.context() as patch:
         for variable in WANDB_VARIABLES:

@@ -59,7 +59,7 @@ def test_preset_composes_its_task(preset):
         assert (cfg.task.name, cfg.guidance.name, cfg.denoiser.name) == ("toy2d", "msd", "exact")
     else:
         assert (cfg.task.name, cfg.prior.name, cfg.guidance.name, cfg.guidance.sampler) == \
-            ("text2d", "shapes", "msd", "stable")
+            ("text2d", "shapes", "msd", "product_ode")
         assert len(cfg.task.prompts) == 12
 
 
