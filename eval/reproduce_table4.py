@@ -210,7 +210,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def aggregate(runs: list[Table4Run]) -> list[dict]:
-    """One record per method: ``seeds``; per final metric ``<key>`` the mean over seeds and ``<key>_std`` (sample
+    """One record per method: ``seeds``; per final metric ``<key>`` the mean over seeds and ``<key>_seed_std`` (sample
     std, ddof 1); ``reach_iteration`` / ``reach_unet_evals``: where the seed-mean FID curve first reaches SDS's
     final mean FID (``reach_target``; None if never, absent without SDS runs or for the DDIM row)."""
     groups = runs_by_method(runs)
@@ -221,7 +221,7 @@ def aggregate(runs: list[Table4Run]) -> list[dict]:
         for key in TABLE_COLUMNS:
             values = [run.final[key] for run in group if run.final.get(key) is not None]
             if values:
-                record[key], record[f"{key}_std"] = mean_std(values)
+                record[key], record[f"{key}_seed_std"] = mean_std(values)
                 record[f"{key}_all_equal"] = len(set(values)) == 1
         if target is not None and method != REFERENCE_METHOD:
             record["reach_target"] = target
@@ -239,7 +239,7 @@ def table_cell(record: dict, key: str) -> str:
     mean = record[key]
     if record[f"{key}_all_equal"] or key in MEAN_ONLY or record["seeds"] == 1:
         return form.format(int(mean) if float(mean).is_integer() and form == "{}" else mean)
-    return f"{form.format(mean)} ± {form.format(record[f'{key}_std'])}"
+    return f"{form.format(mean)} ± {form.format(record[f'{key}_seed_std'])}"
 
 
 def reach_cells(record: dict) -> list[str]:
@@ -268,8 +268,8 @@ def protocol_notes(cfg: DictConfig, runs: list[Table4Run], records: list[dict]) 
         f"Protocol (read from the run configs): prior `{cfg.prior.name}`{where} on {cfg.device}; "
         f"{len(prompts)} prompts × {task.images_per_prompt} images per prompt; {task.steps} Adam iterations "
         f"(lr {task.optimizer.lr:g}) on a `{task.generator.name}` generator in `{task.generator.space}` space; "
-        f"CFG scale w = {float(cfg.guidance_scale):g} for every method; product samplers and DDIM inversions use "
-        f"{task.solver_steps} steps; seeds 0..k−1 per method (`seed=<k>`: the generator's initialisation and the "
+        f"CFG scale w = {float(cfg.guidance_scale):g} for every method; sampler and inversion grids as in each row's "
+        f"guidance preset (`conf/guidance/t2d_*.yaml`); seeds 0..k−1 per method (`seed=<k>`: the generator's initialisation and the "
         f"guidance noise; k = {seeds}).",
         f"FID against a DDIM reference set of {len(prompts)} × {ev.reference_per_prompt} = {n_reference} images "
         f"({ev.reference_steps} `{ev.reference_solver}` steps, w = {float(ev.reference_guidance_scale):g}, "

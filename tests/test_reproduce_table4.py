@@ -67,6 +67,7 @@ def write_run(runs_dir: Path, config: dict, method: str, seed: int, fids: dict[i
     pd.DataFrame(rows).to_csv(run_dir / "metrics.csv", index=False)
     final = {"method": method, "prior": "shapes", "guidance_scale": 4.0, "seed": seed, "fid": fids[last],
              "fid_true": 2 * fids[last], "prompt_accuracy": rows[-1]["prompt_accuracy"],
+             "kid": fids[last] / 100, "kid_std": 7.0 + seed,  # KID and its std over subsets (made up)
              "unet_evals": evals_per_iter * last, "iterations": last, "unet_evals_per_iter": evals_per_iter,
              "ms_per_iter": 10.0 + seed, "seconds": 1.0, "images": 4, "total_seconds": 2.0}
     (run_dir / "final.json").write_text(json.dumps(final))
@@ -112,6 +113,9 @@ def test_table_is_mean_and_std_over_seeds(synthetic, tmp_path):
     assert rows["sds"]["FID vs true renders"] == f"{2 * statistics.mean(sds):.2f} ± {2 * statistics.stdev(sds):.2f}"
     assert rows["sds"]["ms / iter"] == f"{statistics.mean([10, 11, 12]):.1f} ± {statistics.stdev([10, 11, 12]):.1f}"
     assert rows["ddim"]["FID vs DDIM"] == f"{statistics.mean([20, 22, 24]):.2f} ± {statistics.stdev([20, 22, 24]):.2f}"
+    kid = [f / 100 for f in sds]  # KID: ± its std over seeds; the subset-std column is the mean of the runs' std
+    assert rows["sds"]["KID vs DDIM"] == f"{statistics.mean(kid):.4f} ± {statistics.stdev(kid):.4f}"
+    assert rows["sds"]["KID std (subsets)"] == f"{statistics.mean([7.0, 8.0, 9.0]):.4f}"
     assert rows["vsd"]["FID vs DDIM"] == "200.00"  # one seed: no ±
     assert rows["sds"]["iterations"] == "30" and rows["sds"]["UNet evals / iter"] == "2.0"  # equal over seeds
     assert {m: rows[m]["seeds"] for m in rows} == {"ddim": "3", "sds": "3", "vsd": "1", "msd": "2"}
