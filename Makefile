@@ -28,7 +28,7 @@ test-slurm: venv
 
 reproduce: reproduce-toy2d reproduce-toy2d-studies reproduce-table4-quick
 
-# The fractal toy table (results/toy2d/metrics.*, figure_grid.png, README block): <= 5 minutes on 2 cores
+# The fractal toy table (results/toy2d/metrics.*, figure_grid.png, README block): ~6 minutes on 2 cores
 reproduce-toy2d: venv
 	$(PY) -m eval.reproduce_toy2d
 
