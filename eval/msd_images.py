@@ -78,6 +78,14 @@ def initial_images(cfg, prior, prompts: list[str]) -> torch.Tensor:
         return generator().clamp(-1, 1)
 
 
+def product_sampler(cfg, prior, denoiser) -> MSDGuidance:
+    """t2d_msd's product sampler (its sampler, solver, grid and start) on ``denoiser``, one sample per call."""
+    msd_cfg = OmegaConf.to_container(cfg.guidance, resolve=True)
+    return MSDGuidance(denoiser, sampler=msd_cfg["sampler"], solver=msd_cfg["solver"],
+                       solver_steps=msd_cfg["solver_steps"], start_factor=msd_cfg["start_factor"],
+                       noise_schedule=prior.schedule)
+
+
 def scales(cfg, prior) -> pd.DataFrame:
     images, ids, prompts, params = renders(RENDERS_PER_PROMPT, seed=0)
     d = images[0].numel()
@@ -105,16 +113,13 @@ def drift(cfg, prior) -> pd.DataFrame:
     starts = {"initial": initial_images(cfg, prior, prompts), "render": images}
     denoiser = prior.denoiser(prompts, SCALE)
     d = images[0].numel()
-    msd_cfg = OmegaConf.to_container(cfg.guidance, resolve=True)
+    product = product_sampler(cfg, prior, denoiser)
     rows = []
     for kind, x in starts.items():
         for lam in DRIFT_LAMBDAS:
             generator = torch.Generator().manual_seed(2)
             with torch.no_grad():
                 tweedie = denoiser.denoise(x, as_sigma(lam, x))
-                product = MSDGuidance(denoiser, sampler="product_ode", solver=msd_cfg["solver"],
-                                      solver_steps=msd_cfg["solver_steps"], start_factor=msd_cfg["start_factor"],
-                                      noise_schedule=prior.schedule)
                 draws = torch.cat([product.product_samples(x, lam, generator) for _ in range(PRODUCT_SAMPLES)])
                 row = {"start": kind, "lambda": lam,
                        "drift_rms": float((tweedie - x).flatten(1).norm(dim=1).mean() / math.sqrt(d)),
@@ -170,10 +175,7 @@ def targets_figure(cfg, prior, lam0: float, lam_min: float) -> Figure:
     images, _, _, _ = renders(1, seed=1)
     starts = {"initial MLP image": initial_images(cfg, prior, list(PROMPTS))[chosen], "true render": images[chosen]}
     denoiser = prior.denoiser(prompts, SCALE)
-    msd_cfg = OmegaConf.to_container(cfg.guidance, resolve=True)
-    product = MSDGuidance(denoiser, sampler="product_ode", solver=msd_cfg["solver"],
-                          solver_steps=msd_cfg["solver_steps"], start_factor=msd_cfg["start_factor"],
-                          noise_schedule=prior.schedule)
+    product = product_sampler(cfg, prior, denoiser)
     lambdas = (lam0, (lam0 + lam_min) / 2, lam_min)
     columns = 1 + 3 * len(lambdas)
     figure = Figure(figsize=(0.95 * columns + 1.2, 0.95 * len(chosen) * len(starts) + 0.6))

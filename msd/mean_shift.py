@@ -175,8 +175,7 @@ class MSDGuidance(Guidance):
         n = centers.shape[0] // self.num_samples
         mean = self.denoiser.denoise(centers[:n], as_sigma(lam, centers[:n])).repeat(
             self.num_samples, *([1] * (centers.ndim - 1)))
-        z = mean + sigmas[0] * torch.randn(centers.shape, generator=generator, dtype=centers.dtype,
-                                           device=centers.device)
+        z = mean + self._noise(centers, generator, sigmas[0])
         return sample(product, z, sigmas, self.solver, self.eta, generator)
 
     def _decay(self, i: int, lam: float) -> float:
@@ -197,8 +196,10 @@ class MSDGuidance(Guidance):
         alpha = self.denoiser.signal_scale(torch.tensor([sigma], dtype=centers.dtype))
         return centers / float(alpha)
 
-    def _noise(self, like: Tensor, generator: torch.Generator | None) -> Tensor:
-        return self.sigmas[0] * torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+    def _noise(self, like: Tensor, generator: torch.Generator | None, sigma: float | None = None) -> Tensor:
+        """N(0, σ²I) shaped like ``like`` (σ: the grid's first level unless given)."""
+        sigma = self.sigmas[0] if sigma is None else sigma
+        return sigma * torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
 
     def _ode_solve(self, centers: Tensor, lam: float, generator: torch.Generator | None) -> Tensor:
         z = self._noise(centers, generator)
