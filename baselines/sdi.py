@@ -20,8 +20,9 @@ import torch
 from torch import Tensor
 
 from baselines.sds import NoisedGuidance
+from msd.checks import require
 from msd.denoiser import Denoiser, per_sample, with_scale
-from msd.guidance import GuidanceOutput, register, require, summarize
+from msd.guidance import GuidanceOutput, register, summarize
 from msd.solvers import ddim_invert
 
 INVERSION_GRIDS = ("uniform", "global")

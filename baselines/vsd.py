@@ -21,8 +21,9 @@ import torch
 from torch import Tensor, nn
 
 from baselines.sds import NoisedGuidance
+from msd.checks import require
 from msd.denoiser import Denoiser, GuidedDenoiser, as_sigma, per_sample
-from msd.guidance import GuidanceOutput, register, require, summarize
+from msd.guidance import GuidanceOutput, register, summarize
 from msd.schedules import WEIGHTINGS, TimestepSampler, distillation_weight
 
 

@@ -25,7 +25,7 @@ import time
 import pandas as pd
 import torch
 
-from eval.io import write_csv
+from experiments.io import write_csv
 from toy2d.fractal import fractal_gmm
 from toy2d.gmm import _N_BUCKETS, _TABLE_ROWS, GaussianMixture
 

@@ -52,7 +52,8 @@ STEPS = 400  # the paper's protocol
 
 
 def compose(guidance: str, *overrides: str):
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     import experiments  # noqa: F401  (registers the mirror_cfg resolver)
 
@@ -344,7 +345,7 @@ def main() -> None:
     parser.add_argument("--out", default="results/bench/text2d.csv")
     parser.add_argument("--unet-out", default="results/bench/text2d_unet.csv")
     args = parser.parse_args()
-    from eval.io import write_csv
+    from experiments.io import write_csv
 
     torch.set_num_threads(1)
     start = time.perf_counter()

@@ -27,15 +27,15 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from eval.figures import METHOD_COLUMNS
-from eval.io import write_text
 from eval.reproduce_toy2d import settings as toy_settings
 from eval.table4_figures import METHOD_ORDER as TABLE4_METHODS
 from eval.tracking import PROJECT, STUDY_TAG
+from experiments.figures import METHOD_COLUMNS
+from experiments.io import write_text
 from experiments.loggers import guide_label, method_of
 from experiments.run import driver_of
+from msd.paths import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SPEC = REPO_ROOT / "results" / "dashboards" / "spec.json"
 PANEL_KINDS = ("line", "media", "table", "heatmap")
 STEP = "_step"

@@ -43,8 +43,8 @@ from torch import Tensor, nn
 
 import baselines  # noqa: F401
 from baselines import SDIGuidance, SDSGuidance, VSDGuidance
-from eval.io import save_figure, write_csv
 from eval.tracking import records, study_logger
+from experiments.io import save_figure, write_csv
 from msd.denoiser import Denoiser, as_sigma, per_sample
 from msd.mean_shift import MSDGuidance
 from toy2d import ExactDenoiser, fractal_gmm, load_denoiser

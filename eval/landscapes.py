@@ -40,8 +40,8 @@ from matplotlib.figure import Figure
 from scipy.sparse.linalg import lsqr
 
 from eval.gradient_quality import CANVAS_CENTER, CANVAS_HALF, DEFAULT_PRODUCT_SOLVER, baseline_guidances
-from eval.io import save_figure, write_csv, write_npz
 from eval.tracking import records, study_logger
+from experiments.io import save_figure, write_csv, write_npz
 from msd.mean_shift import MSDGuidance
 from toy2d import ExactDenoiser, fractal_gmm, load_denoiser
 

@@ -38,15 +38,15 @@ from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
 from baselines.sdi import SDIGuidance
-from eval.io import save_figure, write_csv
+from experiments.io import save_figure, write_csv
 from msd.denoiser import as_sigma
 from msd.mean_shift import MSDGuidance
+from msd.paths import REPO_ROOT
 from msd.priors import load_prior
 from msd.solvers import ddim_invert, sample
 from shapes.metrics import mode_alignment_distance
 from shapes.world import PROMPTS, ShapeParams, render_params, sample_world
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 OUT_DIR = REPO_ROOT / "results" / "table4" / "shapes"
 RENDERS_PER_PROMPT = 32
 SCALE = 4.0  # the table-4 CFG scale

@@ -14,8 +14,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.checkpoint import CONFIG_FILE, FINAL_FILE, clear_for_rerun, same_run_config
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from msd.paths import REPO_ROOT
 
 
 def compose_run_config(overrides: list[str]) -> DictConfig:

@@ -12,7 +12,7 @@ mixture, ``GaussianMixture.product_sample``); a second independent exact set giv
 (row ``exact``). Columns:
 
 * ``mmd``: biased MMD² (V-statistic) with the mean of RBF kernels of bandwidths 0.02, 0.05, 0.1
-  (``eval.toy_metrics.mmd_rbf``); ``energy``: the energy distance ``2E‖X−Y‖ − E‖X−X′‖ − E‖Y−Y′‖``
+  (``toy2d.metrics.mmd_rbf``); ``energy``: the energy distance ``2E‖X−Y‖ − E‖X−X′‖ − E‖Y−Y′‖``
   (V-statistic), ``energy_rel`` = energy / λ (scale-free across bandwidths).
 * ``mean_err_rel``: ‖sample mean − exact product mean‖ / λ, where the exact product mean is the exact mean
   shift target ``x + λ²∇log p_λ(x)``; ``std_ratio``: sample std / exact std (averaged over both axes) —
@@ -43,14 +43,14 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
-from eval.io import save_figure, write_csv
-from eval.toy_metrics import mmd_rbf
+from experiments.io import save_figure, write_csv
 from msd.denoiser import Denoiser, GuidedDenoiser, as_sigma
 from msd.mean_shift import MSDGuidance
+from msd.paths import REPO_ROOT
 from msd.schedules import EDMSchedule
 from toy2d import ExactDenoiser, fractal_gmm, load_denoiser
+from toy2d.metrics import mmd_rbf
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 OUT_DIR = REPO_ROOT / "results" / "toy2d"
 LAMBDAS = (math.sqrt(0.1), 0.1, 0.03, 0.01)
 MMD_BANDWIDTHS = (0.02, 0.05, 0.1)

@@ -37,17 +37,27 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from eval.io import replace_block, write_csv, write_text
 from eval.processes import compose_run_config, is_done, prepare_rerun, run_processes
-from eval.table4_figures import (PRIORS, REFERENCE_METHOD, Table4Run, build_figures, default_results_dir,
-                                 default_runs_dir, find_table4_runs, reference_runs, runs_by_method, seed_curve,
-                                 seed_dir_name)
+from eval.table4_figures import (
+    PRIORS,
+    REFERENCE_METHOD,
+    Table4Run,
+    build_figures,
+    default_results_dir,
+    default_runs_dir,
+    find_table4_runs,
+    reference_runs,
+    runs_by_method,
+    seed_curve,
+    seed_dir_name,
+)
 from eval.tracking import records as records_of
 from eval.tracking import study_logger
 from experiments.checkpoint import same_run_config
+from experiments.io import replace_block, write_csv, write_text
+from msd.paths import REPO_ROOT
 from msd.priors import PriorNotFoundError, locate_prior
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 GUIDANCES = {"ddim": "t2d_ddim", "sds": "t2d_sds", "vsd": "t2d_vsd", "sdi": "t2d_sdi", "msd": "t2d_msd",
              "msd_tweedie": "t2d_msd_tweedie", "msd_stable": "t2d_msd_stable"}
 """Method label (final.json ``method``, ``experiments.builders.method_label``) → guidance config. The eq. 12

@@ -9,7 +9,7 @@ and are table rows only, not figure columns); each exactly as
 ``python -m experiments.run <overrides> hydra.run.dir=<runs-dir>/<denoiser>_<guide>_w<scale>/<method>/``
 would run it (the command is printed), in ``--jobs`` long-lived single-threaded worker processes, then writes ``<results-dir>/metrics.csv``,
 ``metrics.md`` and ``figure_grid.png`` from those run directories. The mode metrics (precision, recall,
-mmd, mode_distance; ``eval.toy_metrics.ModeMetrics``) are computed here from each run's ``particles.npz``
+mmd, mode_distance; ``toy2d.metrics.ModeMetrics``) are computed here from each run's ``particles.npz``
 and cached beside it in ``mode_metrics.json`` (so finished runs need not be rerun when they are added).
 
 The guidance scales are EDM2's for this toy (Karras et al. 2024, reference/anchors.md §3): the
@@ -42,17 +42,23 @@ from pathlib import Path
 
 import pandas as pd
 
-from eval.figures import METHOD_COLUMNS, RunRecord, find_runs, setting_order
-from eval.io import replace_block, save_figure, write_csv, write_json, write_text
 from eval.processes import is_done, prepare_rerun, run_in_workers
 from eval.toy2d_figures import RESULTS_DIR, RUNS_DIR, dataset_results_dir, dataset_runs_dir, particles_grid
 from eval.tracking import records as records_of
 from eval.tracking import study_logger
-from eval.toy_metrics import (MMD_BANDWIDTHS, MODE_BANDWIDTH, MODE_METRICS_VERSION, MODE_N_REFERENCE, PR_K,
-                              class_mode_metrics)
+from experiments.figures import METHOD_COLUMNS, RunRecord, find_runs, setting_order
+from experiments.io import replace_block, save_figure, write_csv, write_json, write_text
+from msd.paths import REPO_ROOT
 from toy2d.datasets import DATASETS, task_dataset
+from toy2d.metrics import (
+    MMD_BANDWIDTHS,
+    MODE_BANDWIDTH,
+    MODE_METRICS_VERSION,
+    MODE_N_REFERENCE,
+    PR_K,
+    class_mode_metrics,
+)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 README_MARKERS = ("<!-- toy2d-table:start -->", "<!-- toy2d-table:end -->")
 """The fractal table's README block; the other datasets' blocks: :func:`readme_markers`."""
 CFG_SCALE = 4.0
@@ -62,7 +68,7 @@ TABLE_COLUMNS = ("method", "denoiser", "guide", "guidance_scale", "nll", "nll_me
                  "steps", "nfe", "seconds", "particles", "run_dir")
 MODE_METRICS_FILE = "mode_metrics.json"
 TABLE_METHODS = ("ddim", "sds", "vsd", "vsd_ideal", "sdi", "sdi_exact", "msd", "msd_tweedie", "msd_ode", "msd_exact")
-"""The table's methods, in its order: the figure's columns (``eval.figures.METHOD_COLUMNS``) plus the exact checks
+"""The table's methods, in its order: the figure's columns (``experiments.figures.METHOD_COLUMNS``) plus the exact checks
 of the baselines (``vsd_ideal``, ``sdi_exact``), which are rows of the table only."""
 
 
@@ -153,7 +159,7 @@ def run_grid(runs_dir: Path, methods: list[str], denoisers: list[str], extra: li
 
 
 def mode_metrics(record: RunRecord) -> dict[str, float]:
-    """precision / recall / mmd / mode_distance of a run's final particles (``eval.toy_metrics.ModeMetrics``)
+    """precision / recall / mmd / mode_distance of a run's final particles (``toy2d.metrics.ModeMetrics``)
     and ``modes``, the number of modes of the target.
 
     Computed from particles.npz and cached in ``<run>/mode_metrics.json``, keyed by the metric definitions'
@@ -216,7 +222,7 @@ def markdown_table(table: pd.DataFrame, reference: RunRecord) -> str:
         f"{p}; mmd: biased MMD² with the mean of RBF kernels of bandwidths "
         f"{', '.join(f'{h:g}' for h in MMD_BANDWIDTHS)}; mode_distance: mean distance to the nearest of the "
         f"{mode_metrics(reference)['modes']:.0f} modes of {p} ∗ G_λ, λ = {MODE_BANDWIDTH:g} (definitions: README, "
-        "eval/toy_metrics.py).",
+        "toy2d/metrics.py).",
         "",
     ]
     return "\n".join(notes + lines) + "\n"

@@ -23,7 +23,7 @@ denoiser (``toy2d.ExactDenoiser``), no guidance, the toy's EDM schedule; parts o
   t linear 0.98 → 0.02 (the preset), n ∈ {10, 50, 200}, with the toy's Adam (lr 0.08) on ½‖x − sg(y)‖²
   (``adam``) and with ``x ← y`` at every step (``assign``: the literal DDIM reading, each step the new clean
   estimate; n ∈ {10, 200}). ``run`` rows every 5 steps: σ, ``x_spread`` / ``target_spread`` (rms distance to the mean),
-  ``grad_norm`` (mean ‖y − x‖), ``in_hdr``. ``final`` rows: nll, nll_median, in_hdr (``eval.toy_metrics``,
+  ``grad_norm`` (mean ‖y − x‖), ``in_hdr``. ``final`` rows: nll, nll_median, in_hdr (``toy2d.metrics``,
   the grid's evaluator) and precision, recall, mmd, mode_distance (``ModeMetrics``), also for ``ddim`` (1024
   Heun samples of the same denoiser, the toy's reference sampler) and ``exact`` (1024 exact samples: the
   metrics' floor at this N).
@@ -44,15 +44,15 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from baselines.sdi import SDIGuidance
-from eval.figures import Canvas, DensityMap, draw_particles
-from eval.io import save_figure, write_csv
-from eval.toy_metrics import ToyEvaluator, class_mode_metrics
+from experiments.figures import Canvas, DensityMap, draw_particles
+from experiments.io import save_figure, write_csv
 from experiments.toy2d import canvas_grid
 from msd.denoiser import as_sigma
 from msd.guidance import target_loss
 from msd.schedules import EDMSchedule
 from msd.solvers import ddim_invert, sample
 from toy2d import ExactDenoiser, fractal_gmm
+from toy2d.metrics import ToyEvaluator, class_mode_metrics
 
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "results" / "toy2d"
 CANVAS_CENTER, CANVAS_HALF = (0.3, 0.3), 1.2

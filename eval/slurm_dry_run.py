@@ -31,7 +31,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from msd.guidance import require
+from msd.checks import require
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 JOB_NAME = "run"

@@ -23,10 +23,10 @@ from matplotlib.patches import Rectangle
 from matplotlib.patheffects import withStroke
 from omegaconf import OmegaConf
 
-from eval.io import save_figure, write_csv
 from experiments.checkpoint import CONFIG_FILE, FINAL_FILE, RUN_INDEPENDENT_KEYS
+from experiments.io import save_figure, write_csv
+from msd.paths import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 AXIS_PREFERENCE = ("guidance.lambda0", "guidance_scale", "guidance.lambda_min", "guidance.schedule",
                    "guidance.sampler", "seed")
 DEFAULT_METRICS = {"toy2d": ("mode_distance", "recall", "precision", "mmd", "nll"),
@@ -96,8 +96,8 @@ def sweep_table(sweep_dir: Path, expect: int | None = None) -> pd.DataFrame:
 
 def toy_mode_metrics(run_dir: Path) -> dict:
     """precision / recall / mmd / mode_distance of a toy run (``eval.reproduce_toy2d.mode_metrics``)."""
-    from eval.figures import load_run
     from eval.reproduce_toy2d import mode_metrics
+    from experiments.figures import load_run
 
     return {k: v for k, v in mode_metrics(load_run(run_dir)).items() if k != "modes"}
 

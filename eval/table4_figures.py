@@ -30,10 +30,10 @@ import torch
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 
-from eval.io import save_figure
+from experiments.io import save_figure
 from experiments.text2d import image_grid_figure
+from msd.paths import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 PRIORS = ("shapes", "sd21", "sd15")
 REFERENCE_METHOD = "ddim"
 EVALUATION_METRIC = "fid"

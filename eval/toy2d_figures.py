@@ -18,11 +18,11 @@ from pathlib import Path
 import pandas as pd
 
 from eval import gradient_quality, landscapes
-from eval.figures import METHOD_COLUMNS, Canvas, DensityMap, RunRecord, find_runs, grid_figure
-from eval.io import save_figure
+from experiments.figures import METHOD_COLUMNS, Canvas, DensityMap, RunRecord, find_runs, grid_figure
+from experiments.io import save_figure
+from msd.paths import REPO_ROOT
 from toy2d.datasets import DATASETS, target_mixture, task_dataset
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 RUNS_DIR = REPO_ROOT / "outputs" / "toy2d_grid"
 STUDIES_DIR = REPO_ROOT / "outputs" / "toy2d_studies"
 RESULTS_DIR = REPO_ROOT / "results" / "toy2d"

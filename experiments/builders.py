@@ -12,8 +12,9 @@ from omegaconf import DictConfig, OmegaConf
 
 import baselines  # noqa: F401  (registers "sds", "vsd", "sdi")
 import msd  # noqa: F401  (registers "msd")
+from msd.checks import require
 from msd.denoiser import Denoiser, GuidedDenoiser
-from msd.guidance import Guidance, available_guidances, build_guidance, require
+from msd.guidance import Guidance, available_guidances, build_guidance
 from msd.schedules import EDMSchedule
 from msd.solvers import SOLVERS
 from toy2d import ExactDenoiser, load_denoiser, toy_mixture

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from eval.io import atomic_open
+from experiments.io import atomic_open
 
 CHECKPOINT_FILE = "checkpoint.pt"
 FINAL_FILE = "final.json"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from eval.io import save_figure, write_csv, write_json
+from experiments.io import save_figure, write_csv, write_json
 from experiments.loggers import RunLogger
 
 

@@ -15,10 +15,10 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from eval.io import write_text
 from experiments.checkpoint import CONFIG_FILE, RunCheckpoint, check_same_run, finished_metrics
+from experiments.io import write_text
 from experiments.loggers import build_logger, check_logger_config
-from msd.guidance import require
+from msd.checks import require
 
 TASK_DRIVERS = {"toy2d": "experiments.toy2d", "text2d": "experiments.text2d"}
 """Task name -> driver module (imported on use: the toy does not pay for diffusers, transformers, torchmetrics)."""

@@ -26,15 +26,17 @@ from torch import Tensor, nn
 
 import baselines  # noqa: F401  (registers "sds", "vsd", "sdi")
 import msd  # noqa: F401  (registers "msd")
-from eval.fid import CLIPSimilarity, ClassifierFeatures, FIDTracker, inception_features
-from eval.io import write_npz
 from experiments.builders import method_label
 from experiments.checkpoint import RunCheckpoint
+from experiments.image_metrics import ClassifierFeatures, CLIPSimilarity, FIDTracker, inception_features
+from experiments.io import write_npz
 from experiments.loggers import RunLogger
 from experiments.outputs import finish_run
+from msd.checks import require
 from msd.denoiser import Denoiser
 from msd.generators import FourierImageMLP, ImageGrid
-from msd.guidance import Guidance, available_guidances, build_guidance, require, target_loss
+from msd.guidance import Guidance, available_guidances, build_guidance, target_loss
+from msd.paths import repo_path
 from msd.priors import DiffusersPrior, locate_prior
 from msd.solvers import SOLVERS, sample, solver_evaluations
 
@@ -45,13 +47,6 @@ SPACES = ("sample", "image")
 FEATURES = ("classifier", "inception")
 OPTIMIZERS = ("adam",)
 LORA_FIELDS = ("lora_rank", "lora_alpha")
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def repo_path(path: str | Path) -> Path:
-    """``path`` itself if absolute, else relative to the repository root."""
-    path = Path(path)
-    return path if path.is_absolute() else REPO_ROOT / path
 
 
 @dataclass
@@ -209,7 +204,7 @@ class Scorer:
     """FID and KID against the DDIM reference (and, on ShapesWorld, against true renders), the CLIP score
     (``task.eval.clip_path`` set), prompt accuracy and the mode-alignment distance of a set of images.
 
-    KID (eval.fid): unbiased at any N, subsets of ``min(task.eval.kid_subset_size, N, M)`` images
+    KID (experiments.image_metrics): unbiased at any N, subsets of ``min(task.eval.kid_subset_size, N, M)`` images
     (N generated, M reference), ``task.eval.kid_subsets`` of them drawn with ``task.eval.reference_seed``, so
     the same images score the same; ``kid_std`` is the std over the subsets."""
 

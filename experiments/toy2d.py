@@ -22,16 +22,16 @@ from omegaconf import DictConfig
 from torch import Tensor
 from tqdm import tqdm
 
-from eval.figures import Canvas, DensityMap, scatter_figure
-from eval.io import write_npz
-from eval.toy_metrics import ToyEvaluator
 from experiments.builders import ReferenceSampler, Toy2DSetup, build_toy2d, method_label, noise_schedule
 from experiments.checkpoint import RunCheckpoint
+from experiments.figures import Canvas, DensityMap, scatter_figure
+from experiments.io import write_npz
 from experiments.loggers import RunLogger
 from experiments.outputs import finish_run
 from msd.guidance import Guidance, target_loss
 from msd.solvers import solver_evaluations, solver_step
 from toy2d.datasets import target_mixture, task_dataset
+from toy2d.metrics import ToyEvaluator
 
 build = build_toy2d
 """The driver interface of ``experiments.run``: ``build(cfg) -> setup``, then

@@ -36,8 +36,15 @@ from PIL import Image
 from torch import Tensor, nn
 
 from shapes.metrics import mode_alignment_distance, prompt_accuracy
-from shapes.models import (ShapesClassifier, build_scheduler, build_text_encoder, build_unet, count_parameters,
-                           load_prior, save_prior)
+from shapes.models import (
+    ShapesClassifier,
+    build_scheduler,
+    build_text_encoder,
+    build_unet,
+    count_parameters,
+    load_prior,
+    save_prior,
+)
 from shapes.tokenizer import build_tokenizer
 from shapes.world import COLOURS, PROMPTS, SHAPES, render, sample_params, sample_world
 

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from msd.guidance import require
+from msd.checks import require
 
 OUTPUT_RANGES = ("tanh", "sigmoid", "none")
 

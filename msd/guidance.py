@@ -86,9 +86,3 @@ def build_guidance(name: str, **kwargs) -> Guidance:
     if name not in _REGISTRY:
         raise ValueError(f"guidance.name must be one of {available_guidances()}, got {name!r}")
     return _REGISTRY[name](**kwargs)
-
-
-def require(condition: bool, field_name: str, allowed: str, value) -> None:
-    """Fail early with a message naming the config field, the allowed values and what was given."""
-    if not condition:
-        raise ValueError(f"{field_name} must be {allowed}, got {value!r}")

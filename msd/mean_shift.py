@@ -39,8 +39,9 @@ import torch
 from torch import Tensor
 
 from msd.bandwidth import BandwidthSchedule
+from msd.checks import require
 from msd.denoiser import Denoiser, as_sigma, per_sample, with_scale
-from msd.guidance import Guidance, GuidanceOutput, register, require, summarize
+from msd.guidance import Guidance, GuidanceOutput, register, summarize
 from msd.schedules import EDMSchedule, NoiseSchedule
 from msd.solvers import check_solver, ddim_invert, sample, solver_evaluations, solver_step
 

@@ -27,13 +27,13 @@ import torch
 from torch import Tensor, nn
 
 from msd.denoiser import Denoiser, GuidedDenoiser, as_sigma, per_sample
+from msd.paths import REPO_ROOT
 from msd.schedules import VPSchedule
 
 REQUIRED_SUBFOLDERS = ("unet", "text_encoder", "tokenizer", "scheduler")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-REPO_ROOT = Path(__file__).resolve().parents[1]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 

@@ -7,10 +7,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from eval.gradient_quality import (COLUMNS, UniformSquareDenoiser, exact_mean_shift, figure, query_set, run_study,
-                                   score_pool)
-from eval.io import save_figure, write_csv
+from eval.gradient_quality import (
+    COLUMNS,
+    UniformSquareDenoiser,
+    exact_mean_shift,
+    figure,
+    query_set,
+    run_study,
+    score_pool,
+)
 from eval.toy2d_figures import build_all
+from experiments.io import save_figure, write_csv
 from toy2d import fractal_gmm
 
 

@@ -7,10 +7,20 @@ import numpy as np
 import pandas as pd
 import torch
 
-from eval.io import save_figure, write_csv
-from eval.landscapes import (COLUMNS, SURFACES_FILE, figure, grid_points, grid_tensor, integrate_field, load_data,
-                             local_minima, run_landscapes, save_data)
+from eval.landscapes import (
+    COLUMNS,
+    SURFACES_FILE,
+    figure,
+    grid_points,
+    grid_tensor,
+    integrate_field,
+    load_data,
+    local_minima,
+    run_landscapes,
+    save_data,
+)
 from eval.toy2d_figures import build_all
+from experiments.io import save_figure, write_csv
 from toy2d import fractal_gmm
 
 

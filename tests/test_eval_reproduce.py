@@ -10,10 +10,10 @@ os.environ["WANDB_MODE"] = "disabled"
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-from eval.figures import find_runs  # noqa: E402
-from eval.io import write_text  # noqa: E402
 from eval.reproduce_toy2d import main, readme_markers, settings, write_results  # noqa: E402
 from eval.toy2d_figures import RESULTS_DIR, RUNS_DIR, build_all, dataset_results_dir, dataset_runs_dir  # noqa: E402
+from experiments.figures import find_runs  # noqa: E402
+from experiments.io import write_text  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["task.grid_size=6", "task.steps=2", "task.solver_steps=3", "task.eval.n_reference=2000",

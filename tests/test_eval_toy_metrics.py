@@ -4,9 +4,8 @@ import math
 import pytest
 import torch
 
-
-from eval.toy_metrics import ToyEvaluator  # noqa: E402
 from toy2d import fractal_gmm  # noqa: E402
+from toy2d.metrics import ToyEvaluator  # noqa: E402
 
 N_REFERENCE = 50_000
 
@@ -74,9 +73,8 @@ def test_bad_settings_name_the_field(kwargs, field):
 
 import numpy as np  # noqa: E402
 
-from eval.toy_metrics import (ModeMetrics, find_modes, improved_precision_recall, knn_radii, mmd_rbf,  # noqa: E402
-                              nearest_mode_distance)
 from toy2d import GaussianMixture  # noqa: E402
+from toy2d.metrics import ModeMetrics, find_modes, improved_precision_recall, knn_radii, mmd_rbf, nearest_mode_distance  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +160,7 @@ def test_mode_metrics_columns(fractal_modes, two_samples):
 
 def test_compiled_kernel_sums_match_brute_force():
     """The compiled MMD kernel sums equal the all-pairs float64 sums (self-pairs via symmetry, cross pairs)."""
-    from eval.toy_metrics import _kernel_sum
+    from toy2d.metrics import _kernel_sum
 
     gen = np.random.default_rng(5)
     a, b = gen.normal(size=(300, 2)) * 0.2, gen.normal(size=(200, 2)) * 0.2 + 0.05
@@ -178,7 +176,7 @@ def test_compiled_kernel_sums_match_brute_force():
 
 def test_ball_membership_matches_brute_force_including_boundaries():
     """Exact membership in a union of closed balls, also for queries exactly on a sphere and huge radii."""
-    from eval.toy_metrics import _distance, _inside_union
+    from toy2d.metrics import _distance, _inside_union
 
     gen = np.random.default_rng(6)
     centers = gen.uniform(-1, 1, size=(400, 2))
@@ -193,8 +191,8 @@ def test_ball_membership_matches_brute_force_including_boundaries():
 
 def test_smoothed_terms_match_the_dense_closed_form():
     """log p_λ, its gradient (= the mixture's score at σ = λ) and the Hessian (finite differences of it)."""
-    from eval.toy_metrics import _smoothed_terms
     from toy2d import fractal_gmm
+    from toy2d.metrics import _smoothed_terms
 
     mix, lam = fractal_gmm("A"), 0.03
     x = mix.sample(200, 0.05, generator=torch.Generator().manual_seed(8)).double()

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from eval.fid import ClassifierFeatures, FIDTracker, inception_features
+from experiments.image_metrics import ClassifierFeatures, FIDTracker, inception_features
 
 
 def _identity_features(dim: int) -> ClassifierFeatures:

@@ -11,8 +11,8 @@ from baselines import SDIGuidance, SDSGuidance, VSDGuidance
 from msd.denoiser import GuidedDenoiser
 from msd.guidance import build_guidance
 from msd.mean_shift import MSDGuidance
-from msd.schedules import VPSchedule
 from msd.priors import PRESETS, DiffusersPrior, PriorNotFoundError, load_prior, locate_prior, parse_dtype
+from msd.schedules import VPSchedule
 from msd.solvers import sample
 from tests.tiny_sd import build_tiny_prior
 

@@ -8,7 +8,7 @@
   mixture computed here in closed form; the λ → 0 / λ → ∞ limits with CFG and on a tiny diffusers pipeline.
 * The eq. 12 kernel time conventions, checked on a zero model, and ``NoiseSchedule.time`` as σ's inverse.
 
-MMD kernel (all of this file): ``eval.toy_metrics.mmd_rbf`` (biased V-statistic of MMD², mean of RBF kernels
+MMD kernel (all of this file): ``toy2d.metrics.mmd_rbf`` (biased V-statistic of MMD², mean of RBF kernels
 ``exp(−‖u − v‖²/2h²)``) on samples divided by λ with h ∈ {0.25, 0.5, 1}, i.e. bandwidths λ·{0.25, 0.5, 1} in
 data units, so one bound serves every λ.
 """
@@ -19,12 +19,12 @@ import math
 import pytest
 import torch
 
-from eval.toy_metrics import mmd_rbf
 from msd.denoiser import Denoiser, GuidedDenoiser, as_sigma
 from msd.mean_shift import MSDGuidance, ProductDenoiser
 from msd.schedules import EDMSchedule, VPSchedule
 from msd.solvers import sample
 from toy2d import ExactDenoiser, GaussianMixture, fractal_gmm
+from toy2d.metrics import mmd_rbf
 
 LAMBDAS = (math.sqrt(0.1), 0.03)
 N_SAMPLES = 2000

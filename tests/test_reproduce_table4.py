@@ -21,12 +21,22 @@ import pytest  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 import eval.reproduce_table4 as table4  # noqa: E402
-from eval.io import replace_block  # noqa: E402
 from eval.processes import compose_run_config  # noqa: E402
-from eval.reproduce_table4 import (COST_ORDER, GUIDANCES, SEEDS, check_protocol, curves_table, main,  # noqa: E402
-                                   parse_seeds, reaches_target, run_plan, write_results)
+from eval.reproduce_table4 import (  # noqa: E402
+    COST_ORDER,
+    GUIDANCES,
+    SEEDS,
+    check_protocol,
+    curves_table,
+    main,
+    parse_seeds,
+    reaches_target,
+    run_plan,
+    write_results,
+)
 from eval.table4_figures import build_all, find_table4_runs, seed_curve  # noqa: E402
 from experiments.builders import method_label  # noqa: E402
+from experiments.io import replace_block  # noqa: E402
 from tests.tiny_sd import build_tiny_prior, build_tiny_shapes_prior  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""KID beside FID (eval.fid.FIDTracker) and the CLIP score (eval.fid.CLIPSimilarity) of the text-to-2D Scorer:
+"""KID beside FID (experiments.image_metrics.FIDTracker) and the CLIP score (experiments.image_metrics.CLIPSimilarity) of the text-to-2D Scorer:
 KID against an independent numpy computation of the unbiased polynomial-kernel MMD², seeded subsets, config
 checks naming the field, and CLIPScore on a tiny random CLIP built here (nothing downloads)."""
 import os
@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from eval.fid import ClassifierFeatures, CLIPSimilarity, FIDTracker, load_clip  # noqa: E402
+from experiments.image_metrics import ClassifierFeatures, CLIPSimilarity, FIDTracker, load_clip  # noqa: E402
 from experiments.text2d import Scorer  # noqa: E402
 from tests.tiny_sd import write_tokenizer  # noqa: E402
 

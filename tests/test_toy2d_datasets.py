@@ -13,15 +13,15 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from eval.figures import load_run  # noqa: E402
 from eval.reproduce_toy2d import MODE_METRICS_FILE, mode_metrics  # noqa: E402
 from eval.toy2d_figures import particles_grid  # noqa: E402
-from eval.toy_metrics import MODE_BANDWIDTH, ToyEvaluator, class_modes, find_modes  # noqa: E402
+from experiments.figures import load_run  # noqa: E402
 from experiments.run import run  # noqa: E402
 from experiments.train_toy2d import MODELS, held_out_loss  # noqa: E402
 from toy2d import DATASETS, MLPDenoiser, fractal_gmm, load_denoiser, pinwheel_gmm, spiral_gmm, toy_mixture  # noqa: E402
 from toy2d.datasets import CENTER  # noqa: E402
 from toy2d.denoisers import MODEL_NAMES  # noqa: E402
+from toy2d.metrics import MODE_BANDWIDTH, ToyEvaluator, class_modes, find_modes  # noqa: E402
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 TINY = ["task.grid_size=4", "task.steps=3", "task.solver_steps=3", "task.eval.n_reference=2000",

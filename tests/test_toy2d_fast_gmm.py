@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from eval.bench_gmm import dense_log_prob_score
-from toy2d import GaussianMixture, fractal_gmm
-from toy2d import gmm
+from toy2d import GaussianMixture, fractal_gmm, gmm
 
 SIGMAS = (0.0, 1e-3, 0.05, 0.1, 0.2, 0.3, 1.0, 5.0)
 TOL = 1e-4

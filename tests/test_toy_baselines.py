@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from baselines.sds import SDSGuidance
 from baselines.sdi import SDIGuidance
+from baselines.sds import SDSGuidance
 from baselines.vsd import EmpiricalDenoiser, VSDGuidance
 from eval.sdi_toy import sdi_levels, spread
 from experiments.toy2d import canvas_grid

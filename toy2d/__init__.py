@@ -5,8 +5,8 @@ Public API: :func:`fractal_gmm` (the Karras et al. 2024 tree mixture), :func:`sp
 (exact heat-diffused density, score, sampling and product-with-kernel sampling),
 :class:`ExactDenoiser`, :class:`MLPDenoiser` and :func:`load_denoiser` (committed learned models).
 """
-from toy2d.denoisers import ExactDenoiser, MLPDenoiser, load_denoiser, train_mlp_denoiser
 from toy2d.datasets import DATASETS, pinwheel_gmm, spiral_gmm, toy_mixture
+from toy2d.denoisers import ExactDenoiser, MLPDenoiser, load_denoiser, train_mlp_denoiser
 from toy2d.fractal import fractal_gmm
 from toy2d.gmm import GaussianMixture
 

