@@ -16,9 +16,9 @@ an interrupted one resumes from its checkpoint; ``--force`` reruns it.
 Then ``<results-dir>/`` gets ``fid_vs_iter.csv`` (every evaluation row of every run, with method and seed),
 ``table4.md`` (per method: mean ± std over seeds of the final metrics, the iteration and UNet evaluations at
 which the seed-mean FID curve first reaches SDS's final mean FID, and the protocol read from the run configs),
-the figures of ``eval.table4_figures`` (seed mean ± std bands) and, for the committed ShapesWorld results, the
-README block between the table4-shapes markers; the table and figures also go to a W&B summary run in
-``<runs-dir>/summary``.
+the figures of ``eval.table4_figures`` (seed mean ± std bands); the table and figures also go to a W&B summary run
+in ``<runs-dir>/summary``. The script never edits the README, which shows a copy of the committed ShapesWorld
+``table4.md`` with a link to it.
 
 A Stable Diffusion prior that is not on this machine stops the script at once (exit status 2) with the
 command that downloads it. ``--quick`` is a small ShapesWorld run of the whole pipeline, one seed per method,
@@ -54,7 +54,7 @@ from eval.table4_figures import (
 from eval.tracking import records as records_of
 from eval.tracking import study_logger
 from experiments.checkpoint import same_run_config
-from experiments.io import replace_block, write_csv, write_text
+from experiments.io import write_csv, write_text
 from msd.paths import REPO_ROOT
 from msd.priors import PriorNotFoundError, locate_prior
 
@@ -82,7 +82,6 @@ SDI 22, VSD 4, MSD Tweedie 2, SDS 2), so that the parallel workers finish togeth
 TARGET_METHOD = "sds"
 """The row whose final mean FID the others are timed to (the paper: MSD reaches it in fewer iterations)."""
 REACH_HEADERS = ("iteration reaching SDS's final FID", "UNet evals / image there")
-README_MARKERS = ("<!-- table4-shapes:start -->", "<!-- table4-shapes:end -->")
 PROTOCOL_KEYS = ("prior", "task", "guidance_scale", "guidance_interval", "device")
 """Config entries every row must share (the guidance and the seed are what differ)."""
 CSV_COLUMNS = ("method", "iteration", "unet_evals", "fid", "kid", "kid_std", "fid_true", "kid_true", "prompt_accuracy",
@@ -326,16 +325,7 @@ def markdown_table(runs: list[Table4Run], cfg: DictConfig, records: list[dict] |
     return "\n".join([title, "", *protocol_notes(cfg, runs, records), "", *lines]) + "\n"
 
 
-def readme_block(table_md: str, results_dir: Path) -> str:
-    """The README text: the table without its title, then the figures."""
-    where = results_dir.relative_to(REPO_ROOT).as_posix()
-    body = table_md.split("\n", 2)[2]
-    figures = [f"![FID vs iterations]({where}/fid_vs_iter.png)", f"![FID vs compute]({where}/fid_vs_compute.png)",
-               f"![loss vs iterations]({where}/loss_vs_iter.png)"]
-    return body + "\n" + "\n".join(figures) + "\n"
-
-
-def write_results(prior: str, runs_dir: Path, results_dir: Path, update_readme: bool,
+def write_results(prior: str, runs_dir: Path, results_dir: Path,
                   plan: list[tuple[str, int]] | None = None) -> list[Table4Run]:
     """fid_vs_iter.csv, table4.md and the figures from the run directories (and the W&B summary run): the
     finished runs of ``plan`` (every finished run under ``runs_dir`` if None)."""
@@ -354,8 +344,6 @@ def write_results(prior: str, runs_dir: Path, results_dir: Path, update_readme: 
     table_md = markdown_table(runs, cfg, records)
     write_text(results_dir / "table4.md", table_md)
     figures = build_figures(runs, results_dir)
-    if update_readme:
-        replace_block(REPO_ROOT / "README.md", README_MARKERS, readme_block(table_md, results_dir))
     logger = study_logger(runs_dir / "summary", f"table4-{prior}", {"study": "table4", "prior": prior,
                                                                    "runs": len(runs)}, group="table4")
     logger.log_table("table4", [{k: v for k, v in r.items() if not k.endswith("_all_equal") and k != "seed_list"}
@@ -414,8 +402,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"error: {error}", file=sys.stderr)
             sys.exit(2)
         ran = run_table(args.prior, runs_dir, extra, args.force, args.jobs, plan)
-    update_readme = args.prior == "shapes" and results_dir == default_results_dir("shapes").resolve()
-    runs = write_results(args.prior, runs_dir, results_dir, update_readme, plan)
+    runs = write_results(args.prior, runs_dir, results_dir, plan)
     print((results_dir / "table4.md").read_text())
     for run in runs:
         print(f"{run.method:>12} seed {run.seed}: {run.final['total_seconds']:8.1f} s "

@@ -19,10 +19,9 @@ w = 3. The exact denoiser has no "weaker" model, so it gets no autoguidance row.
 ``--dataset spiral|pinwheel`` (``make reproduce-toy2d-datasets``) runs the same grid on that dataset's mixture
 (``toy2d/datasets.py``; every run gets ``task.dataset=<dataset>``): these have no classes and hence no CFG guide,
 so the settings are exact unguided, learned (``<dataset>``) unguided and learned with autoguidance w = 3 (the
-weak ``<dataset>_weak`` guide). Runs go to ``outputs/toy2d_grid_<dataset>/``, results to
-``results/toy2d/<dataset>/`` and the table to the README block between ``<!-- toy2d-<dataset>-table:start -->``
-and ``<!-- toy2d-<dataset>-table:end -->`` (the fractal's: ``outputs/toy2d_grid/``, ``results/toy2d/``,
-``<!-- toy2d-table:start -->``).
+weak ``<dataset>_weak`` guide). Runs go to ``outputs/toy2d_grid_<dataset>/`` and results to
+``results/toy2d/<dataset>/`` (the fractal's: ``outputs/toy2d_grid/``, ``results/toy2d/``). The script never edits the
+README, which shows a copy of each ``metrics.md`` with a link to it.
 
 A finished run whose resolved config equals the one it would be started with now (ignoring
 ``experiments.checkpoint.RUN_INDEPENDENT_KEYS``) is reused and an interrupted one resumes from its checkpoint
@@ -47,8 +46,7 @@ from eval.toy2d_figures import RESULTS_DIR, RUNS_DIR, dataset_results_dir, datas
 from eval.tracking import records as records_of
 from eval.tracking import study_logger
 from experiments.figures import METHOD_COLUMNS, RunRecord, find_runs, setting_order
-from experiments.io import replace_block, save_figure, write_csv, write_json, write_text
-from msd.paths import REPO_ROOT
+from experiments.io import save_figure, write_csv, write_json, write_text
 from toy2d.datasets import DATASETS, task_dataset
 from toy2d.metrics import (
     MMD_BANDWIDTHS,
@@ -59,8 +57,6 @@ from toy2d.metrics import (
     class_mode_metrics,
 )
 
-README_MARKERS = ("<!-- toy2d-table:start -->", "<!-- toy2d-table:end -->")
-"""The fractal table's README block; the other datasets' blocks: :func:`readme_markers`."""
 CFG_SCALE = 4.0
 AUTOGUIDANCE_SCALE = 3.0
 MODE_COLUMNS = ("precision", "recall", "mmd", "mode_distance")
@@ -70,13 +66,6 @@ MODE_METRICS_FILE = "mode_metrics.json"
 TABLE_METHODS = ("ddim", "sds", "vsd", "vsd_ideal", "sdi", "sdi_exact", "msd", "msd_tweedie", "msd_ode", "msd_exact")
 """The table's methods, in its order: the figure's columns (``experiments.figures.METHOD_COLUMNS``) plus the exact checks
 of the baselines (``vsd_ideal``, ``sdi_exact``), which are rows of the table only."""
-
-
-def readme_markers(dataset: str) -> tuple[str, str]:
-    """The README lines that enclose the table of ``dataset``."""
-    if dataset == "fractal":
-        return README_MARKERS
-    return f"<!-- toy2d-{dataset}-table:start -->", f"<!-- toy2d-{dataset}-table:end -->"
 
 
 def settings(denoisers: list[str], dataset: str = "fractal") -> list[tuple[str, str, float]]:
@@ -228,20 +217,9 @@ def markdown_table(table: pd.DataFrame, reference: RunRecord) -> str:
     return "\n".join(notes + lines) + "\n"
 
 
-def update_readme(readme: Path, table_md: str, dataset: str = "fractal", figure: Path | None = None) -> None:
-    """Replace the README block between the table markers of ``dataset`` (:func:`readme_markers`) with the
-    regenerated table (without its title) and, if given, a link to ``figure`` (relative to the README)."""
-    body = table_md.split("\n", 2)[2]  # drop the Markdown title line and the blank line after it
-    if figure is not None:
-        body += f"\n![{dataset} grid]({Path(os.path.relpath(figure, readme.resolve().parent)).as_posix()})\n"
-    replace_block(readme, readme_markers(dataset), body)
-
-
-def write_results(runs_dir: Path, results_dir: Path, dataset: str = "fractal",
-                  readme: Path | None = None) -> pd.DataFrame:
+def write_results(runs_dir: Path, results_dir: Path, dataset: str = "fractal") -> pd.DataFrame:
     """metrics.csv / metrics.md / figure_grid.png from the run directories of ``dataset`` (runs of another
-    dataset there are an error) and, if ``readme`` is given, its table block; the table and the figure also go
-    to a W&B summary run in ``<runs-dir>/summary``."""
+    dataset there are an error); the table and the figure also go to a W&B summary run in ``<runs-dir>/summary``."""
     records = [r for r in find_runs(runs_dir) if r.final.get("method") in TABLE_METHODS]
     if not records:
         raise FileNotFoundError(f"no finished runs (final.json) under {runs_dir}")
@@ -252,8 +230,6 @@ def write_results(runs_dir: Path, results_dir: Path, dataset: str = "fractal",
     write_csv(results_dir / "metrics.csv", table)
     table_md = markdown_table(table, records[0])
     write_text(results_dir / "metrics.md", table_md)
-    if readme is not None:  # the fractal's figure link follows its block in the README
-        update_readme(readme, table_md, dataset, None if dataset == "fractal" else results_dir / "figure_grid.png")
     figure = particles_grid([r for r in records if r.final["method"] in METHOD_COLUMNS])
     save_figure(results_dir / "figure_grid.png", figure)
     name = "toy2d-grid" if dataset == "fractal" else f"toy2d-grid-{dataset}"
@@ -274,9 +250,6 @@ def main(argv: list[str] | None = None) -> None:
                         help="default: outputs/toy2d_grid (fractal), outputs/toy2d_grid_<dataset> (others)")
     parser.add_argument("--results-dir", type=Path, default=None,
                         help="default: results/toy2d (fractal), results/toy2d/<dataset> (others)")
-    parser.add_argument("--readme", type=Path, default=None,
-                        help="README whose table block of --dataset to replace (default: the repository's README "
-                             "when the results go to their default directory, else none)")
     parser.add_argument("--methods", default=",".join(TABLE_METHODS))
     parser.add_argument("--denoisers", default="exact,learned")
     parser.add_argument("--force", action="store_true", help="rerun finished runs too")
@@ -288,13 +261,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("set the dataset with --dataset, not the override task.dataset=...")
     start = time.perf_counter()
     runs_dir = (args.runs_dir or dataset_runs_dir(RUNS_DIR, args.dataset)).resolve()
-    default_results = dataset_results_dir(RESULTS_DIR, args.dataset).resolve()
-    results_dir = (args.results_dir or default_results).resolve()
-    readme = args.readme or (REPO_ROOT / "README.md" if results_dir == default_results else None)
+    results_dir = (args.results_dir or dataset_results_dir(RESULTS_DIR, args.dataset)).resolve()
     if not args.aggregate_only:
         run_grid(runs_dir, args.methods.split(","), args.denoisers.split(","), args.overrides, args.force,
                  max(1, args.jobs), args.dataset)
-    table = write_results(runs_dir, results_dir, args.dataset, readme)
+    table = write_results(runs_dir, results_dir, args.dataset)
     print(table.drop(columns=["run_dir"]).to_string(index=False))
     print(f"sum of run loop times: {table['seconds'].sum():.1f} s; "
           f"total wall time: {time.perf_counter() - start:.1f} s", flush=True)

@@ -55,17 +55,3 @@ def save_figure(path: str | Path, figure, dpi: int = 150) -> None:
     """A matplotlib figure as PNG."""
     with atomic_open(path, "wb") as handle:
         figure.savefig(handle, format="png", dpi=dpi, bbox_inches="tight")
-
-
-def replace_block(path: str | Path, markers: tuple[str, str], body: str) -> None:
-    """Replace the text between the two marker lines of a text file (a README block) with ``body``."""
-    path = Path(path)
-    text = path.read_text()
-    missing = [marker for marker in markers if marker not in text]
-    if missing:
-        raise ValueError(f"{path} lacks the marker(s) {missing}: add the lines {markers[0]} and {markers[1]} "
-                         "where the table belongs")
-    start, end = text.index(markers[0]) + len(markers[0]), text.index(markers[1])
-    if end < start:
-        raise ValueError(f"{path}: {markers[1]} comes before {markers[0]}")
-    write_text(path, text[:start] + "\n" + body + text[end:])

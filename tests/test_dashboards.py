@@ -54,7 +54,7 @@ def logged(tmp_path_factory):
         patch.setattr(landscapes, "run_landscapes", lambda denoiser_name: landscape(
             n=12, lambdas=(0.1,), denoiser_name=denoiser_name, repeats={"sds": 2, "vsd": 2, "sdi": 1, "msd_exact": 2}))
         reproduce_toy2d.write_results(tmp / "toy", tmp / "results" / "toy")
-        reproduce_table4.write_results("shapes", tmp / "table4", tmp / "results" / "table4", update_readme=False)
+        reproduce_table4.write_results("shapes", tmp / "table4", tmp / "results" / "table4")
         gradient_quality.main(["--out", str(tmp / "results" / "gq"), "--study-dir", str(tmp / "gq")])
         landscapes.main(["--out", str(tmp / "results" / "ls"), "--study-dir", str(tmp / "ls")])
         wandb.teardown()  # the W&B service closes the run files

@@ -10,7 +10,7 @@ os.environ["WANDB_MODE"] = "disabled"
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-from eval.reproduce_toy2d import main, readme_markers, settings, write_results  # noqa: E402
+from eval.reproduce_toy2d import main, settings, write_results  # noqa: E402
 from eval.toy2d_figures import RESULTS_DIR, RUNS_DIR, build_all, dataset_results_dir, dataset_runs_dir  # noqa: E402
 from experiments.figures import find_runs  # noqa: E402
 from experiments.io import write_text  # noqa: E402
@@ -82,7 +82,7 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
     assert target.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["table.md"]
 
 
-# The spiral grid (--dataset spiral): no CFG rows; results and README block of its own.
+# The spiral grid (--dataset spiral): no CFG rows; results of its own.
 SPIRAL_TINY = ["task.grid_size=4", *TINY[1:]]
 SPIRAL_METHODS = "ddim,sds,msd_exact"
 
@@ -90,11 +90,8 @@ SPIRAL_METHODS = "ddim,sds,msd_exact"
 @pytest.fixture(scope="module")
 def spiral_grid(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("spiral")
-    readme = tmp / "README.md"
-    (tmp / "README.orig.md").write_text((REPO / "README.md").read_text())
-    readme.write_text((tmp / "README.orig.md").read_text())  # README.orig.md: the reference (README.md may change)
-    result = reproduce(tmp, "--dataset", "spiral", "--readme", str(readme), *SPIRAL_TINY, runs="runs_spiral",
-                       results="results/spiral", methods=SPIRAL_METHODS, denoisers="exact,learned")
+    result = reproduce(tmp, "--dataset", "spiral", *SPIRAL_TINY, runs="runs_spiral", results="results/spiral",
+                       methods=SPIRAL_METHODS, denoisers="exact,learned")
     return tmp, result
 
 
@@ -105,17 +102,11 @@ def test_dataset_grid_settings_have_no_cfg_row():
     assert settings(["exact", "learned"], "fractal") == settings(["exact", "learned"])
 
 
-def test_dataset_grid_default_directories_and_markers():
+def test_dataset_grid_default_directories():
     assert dataset_runs_dir(RUNS_DIR, "fractal") == REPO / "outputs" / "toy2d_grid"
     assert dataset_runs_dir(RUNS_DIR, "spiral") == REPO / "outputs" / "toy2d_grid_spiral"
     assert dataset_results_dir(RESULTS_DIR, "fractal") == REPO / "results" / "toy2d"
     assert dataset_results_dir(RESULTS_DIR, "pinwheel") == REPO / "results" / "toy2d" / "pinwheel"
-    assert readme_markers("fractal") == ("<!-- toy2d-table:start -->", "<!-- toy2d-table:end -->")
-    readme = (REPO / "README.md").read_text()
-    for dataset in ("spiral", "pinwheel"):
-        start, end = readme_markers(dataset)
-        assert start == f"<!-- toy2d-{dataset}-table:start -->" and end == f"<!-- toy2d-{dataset}-table:end -->"
-        assert readme.count(start) == readme.count(end) == 1 and readme.index(start) < readme.index(end)
 
 
 def test_bad_dataset_fails_naming_the_flag(capsys):
@@ -158,12 +149,11 @@ def test_spiral_grid_tables_figure_and_runs(spiral_grid):
         write_results(tmp / "runs_spiral", tmp / "elsewhere", "pinwheel")
 
 
-def test_spiral_grid_replaces_only_its_readme_block(spiral_grid):
-    tmp, _ = spiral_grid
-    original, updated = (tmp / "README.orig.md").read_text(), (tmp / "README.md").read_text()
-    start, end = readme_markers("spiral")
-    block = updated[updated.index(start) + len(start):updated.index(end)]
-    body = (tmp / "results" / "spiral" / "metrics.md").read_text().split("\n", 2)[2]
-    assert block == "\n" + body + "\n![spiral grid](results/spiral/figure_grid.png)\n"
-    assert updated[:updated.index(start)] == original[:original.index(start)]  # the fractal block included
-    assert updated[updated.index(end):] == original[original.index(end):]  # the pinwheel block included
+def test_readme_links_the_generated_tables():
+    """The reproduce scripts write their tables into results/ only; the README links each generated file (it shows
+    a copy, updated by hand) and keeps no generated-block markers."""
+    readme = (REPO / "README.md").read_text()
+    for table in ("results/toy2d/metrics.md", "results/toy2d/spiral/metrics.md", "results/toy2d/pinwheel/metrics.md",
+                  "results/table4/shapes/table4.md"):
+        assert f"]({table})" in readme and (REPO / table).is_file(), table
+    assert "-table:start -->" not in readme and "table4-shapes:start" not in readme

@@ -36,7 +36,6 @@ from eval.reproduce_table4 import (  # noqa: E402
 )
 from eval.table4_figures import build_all, find_table4_runs, seed_curve  # noqa: E402
 from experiments.builders import method_label  # noqa: E402
-from experiments.io import replace_block  # noqa: E402
 from tests.tiny_sd import build_tiny_prior, build_tiny_shapes_prior  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -103,7 +102,7 @@ def synthetic(tmp_path_factory, base_config):
     for method, seeds in CURVES.items():
         for seed, fids in seeds.items():
             write_run(tmp / "runs", base_config, method, seed, fids, EVALS[method])
-    write_results("shapes", tmp / "runs", tmp / "results", update_readme=False)
+    write_results("shapes", tmp / "runs", tmp / "results")
     return tmp / "runs", tmp / "results"
 
 
@@ -305,14 +304,3 @@ def test_inception_features_need_a_path(tmp_path, capsys):
         reproduce(tmp_path, "--prior", "sd21", f"prior.path={prior}")
     assert exit_info.value.code == 2 and "task.eval.inception_path" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
-
-
-def test_readme_block_is_replaced_between_markers(tmp_path):
-    markers = ("<!-- a:start -->", "<!-- a:end -->")
-    readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{markers[0]}\nold\n{markers[1]}\noutro\n")
-    replace_block(readme, markers, "new\n")
-    assert readme.read_text() == f"intro\n{markers[0]}\nnew\n{markers[1]}\noutro\n"
-    readme.write_text("no markers\n")
-    with pytest.raises(ValueError, match="lacks the marker"):
-        replace_block(readme, markers, "new\n")
