@@ -12,7 +12,7 @@ would run it (the command is printed), in ``--jobs`` long-lived single-threaded 
 mmd, mode_distance; ``toy2d.metrics.ModeMetrics``) are computed here from each run's ``particles.npz``
 and cached beside it in ``mode_metrics.json`` (so finished runs need not be rerun when they are added).
 
-The guidance scales are EDM2's for this toy (Karras et al. 2024, reference/anchors.md §3): the
+The guidance scales are EDM2's for this toy (Karras et al. 2024; docs/design.md §5): the
 CFG-style guide (a two-class model) with w = 4, the autoguidance guide (a weaker class-A model) with
 w = 3. The exact denoiser has no "weaker" model, so it gets no autoguidance row.
 

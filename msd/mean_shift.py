@@ -3,7 +3,7 @@
 With the product distribution ``ṗ(y|x) ∝ p(y) G_λ(x − y)`` the mean-shift vector of the
 kernel-smoothed density ``p*_λ = p ∗ G_λ`` is ``m(x) = E_ṗ[y] − x = λ² ∇log p*_λ(x)``. MSD estimates
 it with N product samples and returns their mean as the target, so ``target − x`` estimates m(x).
-All in VE coordinates with the denoiser ``D(u, s) = u − s·ε̂(u, s)`` (DESIGN §4 has the derivations).
+All in VE coordinates with the denoiser ``D(u, s) = u − s·ε̂(u, s)`` (docs/design.md §4 has the derivations).
 
 Product samplers:
 

@@ -7,7 +7,7 @@ so a pixel-space model without a VAE loads through the same code. Nothing is eve
 repo id is looked up in the local Hugging Face cache only, and a missing model raises
 :class:`PriorNotFoundError` at once with the command that downloads it.
 
-Conventions (DESIGN §3). The model is VP: ``z_t = α_t x + s_t ε``, ``α_t = √ᾱ_t``, ``s_t = √(1−ᾱ_t)``,
+Conventions (docs/design.md §3). The model is VP: ``z_t = α_t x + s_t ε``, ``α_t = √ᾱ_t``, ``s_t = √(1−ᾱ_t)``,
 seen in VE coordinates through ``x̂ = z_t/α_t``, ``σ = s_t/α_t``. A view's ``eps(x̂, σ)``
 feeds the UNet ``z = α x̂`` with ``α = 1/√(1+σ²)`` and the fractional DDPM timestep
 ``t = VPSchedule.timestep(σ)`` (log-σ interpolation between the integer timesteps of the model's own

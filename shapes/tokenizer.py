@@ -6,7 +6,7 @@ same characters with the end-of-word marker ``</w>``, then one token per BPE mer
 are learnt by plain BPE on the caption words (most frequent adjacent pair first, ties broken
 lexicographically), so each caption word encodes to a single token.
 
-transformers 5 traps (reference/environment.md §2): the keyword names are ``vocab=`` / ``merges=``
+transformers 5 traps (docs/environment.md §2): the keyword names are ``vocab=`` / ``merges=``
 (``vocab_file=`` is silently ignored and yields a 2-token tokenizer); in-memory merges must be tuples;
 a hub id offline silently returns an empty tokenizer. :func:`build_tokenizer` checks the result.
 """

@@ -1,4 +1,4 @@
-"""MSD's product samplers against exact references (DESIGN §3–4).
+"""MSD's product samplers against exact references (docs/design.md §3–4).
 
 * ``product_ode`` (deterministic and η = 1) against exact samples of the product distribution
   ``ṗ(y|c) ∝ p(y) N(y; c, λ²I)`` of the class-A fractal (a Gaussian mixture times a Gaussian is a Gaussian

@@ -3,7 +3,7 @@
 A prior directory holds ``unet/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/`` and, for a latent
 model, ``vae/`` (what :func:`msd.priors.load_prior` reads). Weights are random (seeded, with the global
 RNG state restored afterwards); the CLIP tokenizer is built from a byte-level vocab and a few merges
-written here, so nothing touches the network (see reference/environment.md on transformers-5 traps).
+written here, so nothing touches the network (see docs/environment.md §2 on transformers-5 traps).
 """
 from __future__ import annotations
 
