@@ -16,6 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.checkpoint import CONFIG_FILE, RunCheckpoint, check_same_run, finished_metrics
+from experiments.config_types import check_config_types
 from experiments.io import write_text
 from experiments.loggers import build_logger, check_logger_config
 from msd.checks import require
@@ -31,6 +32,7 @@ def driver_of(task_name: str):
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """One run of ``cfg`` into ``run_dir``; returns the final metrics."""
+    check_config_types(cfg)
     driver = driver_of(cfg.task.name)
     require(cfg.num_threads is None or cfg.num_threads >= 1, "num_threads", "null or >= 1", cfg.num_threads)
     if cfg.num_threads is not None:
