@@ -21,7 +21,7 @@ from torch import Tensor
 
 from baselines.sds import NoisedGuidance
 from msd.checks import require
-from msd.denoiser import Denoiser, per_sample, with_scale
+from msd.denoiser import Conditioning, Denoiser, per_sample, with_scale
 from msd.guidance import GuidanceOutput, register, summarize
 from msd.solvers import ddim_invert
 
@@ -54,39 +54,43 @@ class SDIGuidance(NoisedGuidance):
         levels[0] = 0.0
         return levels
 
-    def invert(self, x: Tensor, t: Tensor, generator: torch.Generator | None) -> tuple[Tensor, int]:
+    def invert(self, x: Tensor, t: Tensor, generator: torch.Generator | None,
+               cond: Conditioning | None = None) -> tuple[Tensor, int]:
         """z at level σ(t_top) by DDIM inversion of x, t_top = t (+ δ with level jitter), and the number of
         inversion steps per sample (the most any sample took). ``uniform``: one [n+1, N] grid for the batch;
         ``global``: samples sharing a t (all of them under SDI's linear anneal) share one batched grid."""
+        model = self.inversion_denoiser.condition(cond)
         t_top = t
         if self.level_jitter:
             jitter = torch.rand(t.shape, generator=generator, dtype=t.dtype, device=t.device) / self.inversion_steps
             t_top = (t + jitter).clamp(max=1.0)
         if self.inversion_grid == "uniform":
-            fractions = torch.arange(1, self.inversion_steps + 1, dtype=t.dtype) / self.inversion_steps
+            fractions = torch.arange(1, self.inversion_steps + 1, dtype=t.dtype, device=t.device) / self.inversion_steps
             levels = self.noise_schedule.sigma(fractions[:, None] * t_top[None, :])
             levels = torch.cat([torch.zeros_like(levels[:1]), levels])
-            z = ddim_invert(self.inversion_denoiser, x, levels.to(x.dtype), self.eta, generator)[-1]
+            z = ddim_invert(model, x, levels.to(x.dtype), self.eta, generator)[-1]
             return z, self.inversion_steps
         z, steps = torch.empty_like(x), 0
         for value in torch.unique(t_top):
             rows = (t_top == value).nonzero().flatten().to(x.device)
             levels = self.global_grid(float(value)).to(x.dtype)
-            z[rows] = ddim_invert(self.inversion_denoiser, x[rows], levels, self.eta, generator)[-1]
+            rows_model = model if cond is None else self.inversion_denoiser.condition(cond.rows(rows))
+            z[rows] = ddim_invert(rows_model, x[rows], levels, self.eta, generator)[-1]
             steps = max(steps, len(levels) - 1)
         return z, steps
 
-    def __call__(self, x: Tensor, step: int, generator: torch.Generator | None = None) -> GuidanceOutput:
+    def __call__(self, x: Tensor, step: int, generator: torch.Generator | None = None,
+                 cond: Conditioning | None = None) -> GuidanceOutput:
         with torch.no_grad():
             x = x.detach()
-            t = self.timesteps.t(x.shape[0], step, generator)
-            sigma = self.noise_schedule.sigma(t).to(dtype=x.dtype, device=x.device)
+            t = self.timesteps.t(x.shape[0], step, generator, x.device)
+            sigma = self.noise_schedule.sigma(t).to(dtype=x.dtype)
             if self.inversion:
-                z, steps = self.invert(x, t, generator)
+                z, steps = self.invert(x, t, generator, cond)
                 nfe = steps * self.inversion_denoiser.evaluations_per_call
             else:
                 noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
                 z, nfe = x + per_sample(sigma, x) * noise, 0
-            target = self.denoiser.denoise(z, sigma)
+            target = self.denoiser.condition(cond).denoise(z, sigma)
         nfe += self.denoiser.evaluations_per_call
         return GuidanceOutput(target, summarize(x, target, sigma=sigma.mean(), nfe=nfe))

@@ -8,18 +8,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from msd.denoiser import Denoiser, per_sample
-from msd.guidance import Guidance, GuidanceOutput, register, summarize
-from msd.schedules import WEIGHTINGS, EDMSchedule, NoiseSchedule, TimestepSampler, distillation_weight
+from msd.denoiser import Conditioning, Denoiser, per_sample
+from msd.guidance import Guidance, GuidanceOutput, noise_schedule_of, register, summarize
+from msd.schedules import WEIGHTINGS, NoiseSchedule, TimestepSampler, distillation_weight
 
 
 class NoisedGuidance(Guidance):
-    """Shared set-up of the guidances that perturb x at a sampled noise level σ."""
+    """Shared set-up of the guidances that perturb x at a sampled noise level σ (``noise_schedule``: the
+    levels t maps to, default the denoiser's own)."""
 
     def __init__(self, denoiser: Denoiser, noise_schedule: NoiseSchedule | None = None, t_min: float = 0.02,
                  t_max: float = 0.98, timestep_mode: str = "uniform", total_steps: int = 150):
         self.denoiser = denoiser
-        self.noise_schedule = noise_schedule or EDMSchedule()
+        self.noise_schedule = noise_schedule_of(denoiser, noise_schedule)
         self.timesteps = TimestepSampler(self.noise_schedule, t_min, t_max, timestep_mode, total_steps)
 
     def draw(self, x: Tensor, step: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
@@ -39,11 +40,13 @@ class SDSGuidance(NoisedGuidance):
         super().__init__(denoiser, **timestep_kwargs)
         self.weighting = weighting
 
-    def __call__(self, x: Tensor, step: int, generator: torch.Generator | None = None) -> GuidanceOutput:
+    def __call__(self, x: Tensor, step: int, generator: torch.Generator | None = None,
+                 cond: Conditioning | None = None) -> GuidanceOutput:
         with torch.no_grad():
             x = x.detach()
             sigma, noise = self.draw(x, step, generator)
             z = x + per_sample(sigma, x) * noise
-            grad = per_sample(distillation_weight(sigma, self.weighting), x) * (self.denoiser.eps(z, sigma) - noise)
+            eps = self.denoiser.condition(cond).eps(z, sigma)
+            grad = per_sample(distillation_weight(sigma, self.weighting), x) * (eps - noise)
             target = x - grad
         return GuidanceOutput(target, summarize(x, target, sigma=sigma.mean(), nfe=self.denoiser.evaluations_per_call))

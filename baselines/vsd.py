@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from baselines.sds import NoisedGuidance
 from msd.checks import require
-from msd.denoiser import Denoiser, GuidedDenoiser, as_sigma, per_sample
+from msd.denoiser import Conditioning, Denoiser, GuidedDenoiser, as_sigma, per_sample
 from msd.guidance import GuidanceOutput, register, summarize
 from msd.schedules import WEIGHTINGS, TimestepSampler, distillation_weight
 
@@ -31,21 +31,27 @@ class ResidualDenoiser(nn.Module, Denoiser):
     """ε̂_φ(x, σ) = ε̂_base(x, σ) + r_φ(x, σ): a frozen prior plus a trainable, zero-initialised MLP."""
 
     def __init__(self, base: Denoiser, dim: int, hidden: int, layers: int, generator: torch.Generator):
+        """Weights ~ N(0, 1/fan_in) drawn with ``generator``, on its device; the head is zero."""
         super().__init__()
         self.base, self.vp = base, base.vp
         widths = [dim + 1] + [hidden] * layers
         blocks: list[nn.Module] = []
         for fan_in, fan_out in zip(widths[:-1], widths[1:]):
             blocks += [self._linear(fan_in, fan_out, generator), nn.SiLU()]
-        head = nn.Linear(hidden, dim)
+        head = nn.utils.skip_init(nn.Linear, hidden, dim, device=generator.device)
         nn.init.zeros_(head.weight), nn.init.zeros_(head.bias)
         self.residual = nn.Sequential(*blocks, head)
 
+    @property
+    def noise_schedule(self):
+        return self.base.noise_schedule
+
     @staticmethod
     def _linear(fan_in: int, fan_out: int, generator: torch.Generator) -> nn.Linear:
-        layer = nn.Linear(fan_in, fan_out)
+        layer = nn.utils.skip_init(nn.Linear, fan_in, fan_out, device=generator.device)  # no global-RNG init
         with torch.no_grad():
-            layer.weight.copy_(torch.randn(fan_out, fan_in, generator=generator) / math.sqrt(fan_in))
+            draw = torch.randn(fan_out, fan_in, generator=generator, device=generator.device)
+            layer.weight.copy_(draw / math.sqrt(fan_in))
             layer.bias.zero_()
         return layer
 
@@ -139,10 +145,10 @@ class VSDGuidance(NoisedGuidance):
         if self.particle_model is not None:
             return
         self.particle_dim = x[0].numel()
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=x.device))
         base = self.denoiser.main if isinstance(self.denoiser, GuidedDenoiser) else self.denoiser
         self.particle_model = ResidualDenoiser(base, self.particle_dim, self.phi_hidden, self.phi_layers,
-                                               torch.Generator().manual_seed(seed)).to(x.device, x.dtype)
+                                               torch.Generator(x.device).manual_seed(seed)).to(x.device, x.dtype)
         self.phi_optimizer = torch.optim.Adam(self.particle_model.parameters(), lr=self.phi_lr)
 
     def state_dict(self) -> dict:
@@ -178,41 +184,47 @@ class VSDGuidance(NoisedGuidance):
     def _phi_parameters(self) -> list[Tensor]:
         return [p for group in self.phi_optimizer.param_groups for p in group["params"]]
 
-    def train_particle_model(self, x: Tensor, generator: torch.Generator | None) -> float:
-        """``phi_steps`` Adam steps of denoising score matching on the detached particles; last loss."""
+    def train_particle_model(self, x: Tensor, generator: torch.Generator | None,
+                             cond: Conditioning | None = None) -> float:
+        """``phi_steps`` Adam steps of denoising score matching on the detached particles (ε̂_φ conditioned like
+        the particles, ``cond``); last loss."""
         loss = torch.zeros(())
+        model = self.particle_model.condition(cond)
         for _ in range(self.phi_steps):
             sigma = self.phi_timesteps.sample(x.shape[0], 0, generator, dtype=x.dtype, device=x.device)
             noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-            prediction = self.particle_model.eps(x + per_sample(sigma, x) * noise, sigma)
+            prediction = model.eps(x + per_sample(sigma, x) * noise, sigma)
             loss = (prediction - noise).pow(2).flatten(1).sum(dim=1).mean()
             self.phi_optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.phi_optimizer.step()
         return float(loss.detach())
 
-    def __call__(self, x: Tensor, step: int, generator: torch.Generator | None = None) -> GuidanceOutput:
+    def __call__(self, x: Tensor, step: int, generator: torch.Generator | None = None,
+                 cond: Conditioning | None = None) -> GuidanceOutput:
         x = x.detach()
         if self.ideal:
-            return self._ideal_call(x, step, generator)
+            return self._ideal_call(x, step, generator, cond)
         self._ensure_particle_model(x, generator)
         sigma, noise = self.draw(x, step, generator)
         z = x + per_sample(sigma, x) * noise
         with torch.no_grad():
-            eps_prior = self.denoiser.eps(z, sigma)
-            eps_particles = self.particle_model.eps(z, sigma)
+            eps_prior = self.denoiser.condition(cond).eps(z, sigma)
+            eps_particles = self.particle_model.condition(cond).eps(z, sigma)
             target = x - per_sample(distillation_weight(sigma, self.weighting), x) * (eps_prior - eps_particles)
-        phi_loss = self.train_particle_model(x, generator)
+        phi_loss = self.train_particle_model(x, generator, cond)
         nfe = self.denoiser.evaluations_per_call + 1 + self.phi_steps
         return GuidanceOutput(target, summarize(x, target, sigma=sigma.mean(), phi_loss=phi_loss, nfe=nfe))
 
-    def _ideal_call(self, x: Tensor, step: int, generator: torch.Generator | None) -> GuidanceOutput:
-        """VSD with ε̂_φ = the exact empirical score of the current particles (no training, no φ evaluations)."""
+    def _ideal_call(self, x: Tensor, step: int, generator: torch.Generator | None,
+                    cond: Conditioning | None) -> GuidanceOutput:
+        """VSD with ε̂_φ = the exact empirical score of the current particles (no training, no φ evaluations;
+        the particles' distribution is the one of this batch, so ``cond`` conditions the prior only)."""
         self.particle_model = EmpiricalDenoiser(x)
         sigma, noise = self.draw(x, step, generator)
         z = x + per_sample(sigma, x) * noise
         with torch.no_grad():
-            grad = self.denoiser.eps(z, sigma) - self.particle_model.eps(z, sigma)
+            grad = self.denoiser.condition(cond).eps(z, sigma) - self.particle_model.eps(z, sigma)
             target = x - per_sample(distillation_weight(sigma, self.weighting), x) * grad
         nfe = self.denoiser.evaluations_per_call
         return GuidanceOutput(target, summarize(x, target, sigma=sigma.mean(), nfe=nfe))

@@ -16,7 +16,7 @@ UNet forward faster, measured in one run on this CPU.
   outside UNet forwards, and the projected minutes of a 400-iteration run. The UNet's achieved GFLOP/s
   (FLOPs of one forward by ``torch.utils.flop_counter.FlopCounterMode``, CPU flash attention included) sits
   beside this CPU's single-thread 2048² float32 matmul GFLOP/s, measured in the same run.
-* ``results/bench/text2d_unet.csv`` — one CFG call of the prior (``prior.denoiser(prompts, 4).eps``, both
+* ``results/bench/text2d_unet.csv`` — one CFG call of the prior (``prior.denoiser(4).condition(cond).eps``, both
   halves in one forward, batch 96) on 48 images per UNet variant: ms (minimum of ``--calls`` calls after a
   warm-up call, the variants interleaved call by call so that they share the machine's load), GFLOP/s,
   ``speedup`` against ``baseline`` (the layout the model loads with, called under ``torch.no_grad`` as the
@@ -171,7 +171,7 @@ def unet_variants(calls: int, compile_unet: bool, matmul: float) -> pd.DataFrame
     cfg = compose("t2d_sds")
     prior = load_prior("shapes", device="cpu")
     prompts = per_image_prompts(cfg.task)
-    denoiser = prior.denoiser(prompts, float(cfg.guidance_scale))
+    denoiser = prior.denoiser(float(cfg.guidance_scale)).condition(prior.conditioning(prompts))
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(len(prompts), *prior.sample_shape, generator=generator) * 2
     sigma = torch.exp(torch.empty(len(prompts)).uniform_(math.log(0.02), math.log(150.0), generator=generator))
@@ -251,16 +251,16 @@ def scorer_for(cfg, setup):
 
 
 def method_row(name: str, iters: int, scorer_cache: dict, flops_per_sample: float, matmul: float) -> dict:
-    from experiments.text2d import build
+    from experiments.text2d import build_setup
     from msd.guidance import target_loss
 
     preset, overrides = METHODS[name]
     cfg = compose(preset, *overrides)
-    setup = build(cfg)
+    setup = build_setup(cfg)
     prior, guidance = setup.prior, setup.guidance
     params = [p for p in setup.generator.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=float(cfg.task.optimizer.lr), betas=tuple(cfg.task.optimizer.betas))
-    generator = torch.Generator().manual_seed(int(cfg.seed) + 1)
+    generator = torch.Generator(prior.device).manual_seed(int(cfg.seed) + 1)
     image_space = cfg.task.generator.space == "image"
     timer = UNetTimer(prior.unet)
     lora = {"seconds": 0.0, "unet": 0.0}
@@ -285,7 +285,7 @@ def method_row(name: str, iters: int, scorer_cache: dict, flops_per_sample: floa
         x = setup.generator()
         x = prior.encode(x) if image_space else x
         g_tic = time.perf_counter()
-        out = guidance(x, step, generator)
+        out = guidance(x, step, generator, setup.cond)
         g_sec = time.perf_counter() - g_tic
         loss = target_loss(x, out.target)
         optimizer.zero_grad(set_to_none=True)

@@ -33,7 +33,7 @@ from eval.tracking import PROJECT, STUDY_TAG
 from experiments.figures import METHOD_COLUMNS
 from experiments.io import write_text
 from experiments.loggers import guide_label, method_of
-from experiments.run import driver_of
+from experiments.tasks import task_class
 from msd.paths import REPO_ROOT
 
 DEFAULT_SPEC = REPO_ROOT / "results" / "dashboards" / "spec.json"
@@ -153,7 +153,7 @@ def sweep_dashboard(conf_dir: Path, name: str) -> Dashboard:
         cfg = compose("config", overrides=[f"sweep={name}"], return_hydra_config=True)
     swept = list(cfg.hydra.sweeper.params)
     task = cfg.task.name
-    objective = driver_of(task).OBJECTIVE
+    objective = task_class(task).objective
     runs = RunFilter(f"sweep/{name}", (method_of(cfg.guidance),), (f"sweep:{name}", f"task:{task}"))
     heatmaps = tuple(Panel("heatmap", f"{objective}: {x} x {y}", (objective,), x=x, y=y)
                      for x, y in itertools.combinations(swept, 2))

@@ -111,7 +111,7 @@ def drift(cfg, prior) -> pd.DataFrame:
     images, _, _, _ = renders(1, seed=1)
     prompts = list(PROMPTS)
     starts = {"initial": initial_images(cfg, prior, prompts), "render": images}
-    denoiser = prior.denoiser(prompts, SCALE)
+    denoiser = prior.denoiser(SCALE).condition(prior.conditioning(prompts))
     d = images[0].numel()
     product = product_sampler(cfg, prior, denoiser)
     rows = []
@@ -144,7 +144,7 @@ def inversion(prior) -> pd.DataFrame:
     for clipped in (True, False):
         prior.clean_range = saved_range if clipped else None
         for w in (1.0, SCALE):
-            denoiser = prior.denoiser(prompts, w)
+            denoiser = prior.denoiser(w).condition(prior.conditioning(prompts))
             for t in INVERSION_TIMES:
                 for steps in INVERSION_STEPS:
                     levels = prior.schedule.sigma(torch.linspace(0, t, steps + 1, dtype=torch.float64))
@@ -156,7 +156,7 @@ def inversion(prior) -> pd.DataFrame:
                                  "rms": float((back - images).pow(2).mean().sqrt()),
                                  "min": float(back.min()), "max": float(back.max())})
                     print(rows[-1], flush=True)
-        guided = prior.denoiser(prompts, SCALE)
+        guided = prior.denoiser(SCALE).condition(prior.conditioning(prompts))
         for t in SDI_TIMES:
             sdi = SDIGuidance(guided, noise_schedule=prior.schedule, t_min=t, t_max=t, inversion_grid="global",
                               inversion_scale=2.0 - SCALE, eta=0.3)
@@ -174,7 +174,7 @@ def targets_figure(cfg, prior, lam0: float, lam_min: float) -> Figure:
     prompts = [PROMPTS[i] for i in chosen]
     images, _, _, _ = renders(1, seed=1)
     starts = {"initial MLP image": initial_images(cfg, prior, list(PROMPTS))[chosen], "true render": images[chosen]}
-    denoiser = prior.denoiser(prompts, SCALE)
+    denoiser = prior.denoiser(SCALE).condition(prior.conditioning(prompts))
     product = product_sampler(cfg, prior, denoiser)
     lambdas = (lam0, (lam0 + lam_min) / 2, lam_min)
     columns = 1 + 3 * len(lambdas)

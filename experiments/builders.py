@@ -77,10 +77,13 @@ def toy_model_names(cfg: DictConfig) -> dict[str, str | None]:
 
 
 def _toy_model(cfg: DictConfig, name: str) -> Denoiser:
-    """The exact mixture of ``task.dataset`` restricted to classes ``name``, or the committed learned model ``name``."""
+    """The exact mixture of ``task.dataset`` restricted to classes ``name``, or the committed learned model ``name``;
+    either carries the task's noise schedule (``task.sigma_min``, ``sigma_max``, ``rho``)."""
     if cfg.denoiser.name == "exact":
-        return ExactDenoiser(toy_mixture(task_dataset(cfg.task), name))
-    return load_denoiser(name)
+        return ExactDenoiser(toy_mixture(task_dataset(cfg.task), name), noise_schedule(cfg.task))
+    model = load_denoiser(name)
+    model.noise_schedule = noise_schedule(cfg.task)
+    return model
 
 
 def build_denoiser(cfg: DictConfig) -> Denoiser:
@@ -147,11 +150,12 @@ def build_reference_sampler(guidance_cfg: DictConfig) -> ReferenceSampler:
 
 
 def build_guidance_from_config(cfg: DictConfig, denoiser: Denoiser) -> Guidance:
-    """``build_guidance(guidance.name, denoiser=..., noise_schedule=<task schedule>, **other guidance fields)``."""
+    """``build_guidance(guidance.name, denoiser=..., **other guidance fields)``; the noise schedule is the
+    denoiser's (the task's)."""
     kwargs = OmegaConf.to_container(cfg.guidance, resolve=True)
     name = kwargs.pop("name")
     try:
-        return build_guidance(name, denoiser=denoiser, noise_schedule=noise_schedule(cfg.task), **kwargs)
+        return build_guidance(name, denoiser=denoiser, **kwargs)
     except TypeError as error:  # an unknown guidance.<field>
         raise ValueError(f"guidance={name}: {error}") from error
 

@@ -2,12 +2,11 @@
 
 Builds and checks everything first (a bad config fails before the run writes anything), then writes
 the resolved config (``config.yaml``, beside Hydra's ``.hydra/``), starts the logger and runs the task
-driver in the Hydra run directory. The same command in the same run directory resumes an interrupted run
+(``task.name`` in the registry of ``experiments.tasks``) in the Hydra run directory. The same command in the same run directory resumes an interrupted run
 from its checkpoint and returns a finished run's metrics at once (``experiments.checkpoint``).
 """
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 import hydra
@@ -19,21 +18,14 @@ from experiments.checkpoint import CONFIG_FILE, RunCheckpoint, check_same_run, f
 from experiments.config_types import check_config_types
 from experiments.io import write_text
 from experiments.loggers import build_logger, check_logger_config
+from experiments.tasks import task_class
 from msd.checks import require
-
-TASK_DRIVERS = {"toy2d": "experiments.toy2d", "text2d": "experiments.text2d"}
-"""Task name -> driver module (imported on use: the toy does not pay for diffusers, transformers, torchmetrics)."""
-
-
-def driver_of(task_name: str):
-    require(task_name in TASK_DRIVERS, "task.name", f"one of {tuple(TASK_DRIVERS)}", task_name)
-    return importlib.import_module(TASK_DRIVERS[task_name])
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """One run of ``cfg`` into ``run_dir``; returns the final metrics."""
     check_config_types(cfg)
-    driver = driver_of(cfg.task.name)
+    task_type = task_class(cfg.task.name)
     require(cfg.num_threads is None or cfg.num_threads >= 1, "num_threads", "null or >= 1", cfg.num_threads)
     if cfg.num_threads is not None:
         torch.set_num_threads(int(cfg.num_threads))
@@ -44,13 +36,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if finished is not None:
         print(f"{run_dir} already holds this finished run (final.json): nothing to do", flush=True)
         return finished
-    setup = driver.build(cfg)
+    task = task_type.build(cfg)
     check_logger_config(cfg.logger)
     checkpoint = RunCheckpoint(run_dir, cfg.task.checkpoint_every)
     write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(resolved))
     logger = build_logger(cfg.logger, run_dir, resolved, run_name=run_dir.name)
     try:
-        final = driver.run(cfg, setup, run_dir, logger, checkpoint)
+        final = task.run(run_dir, logger, checkpoint)
     finally:
         logger.finish()
     checkpoint.remove()
@@ -60,7 +52,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     final = run(cfg, Path(HydraConfig.get().runtime.output_dir))
-    return final[driver_of(cfg.task.name).OBJECTIVE]
+    return final[task_class(cfg.task.name).objective]
 
 
 if __name__ == "__main__":

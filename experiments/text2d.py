@@ -1,9 +1,10 @@
-"""Text-to-2D driver (paper Table 4 / supplementary Fig. 1): optimise ``images_per_prompt`` images per prompt
+"""The text-to-2D task (paper Table 4 / supplementary Fig. 1): optimise ``images_per_prompt`` images per prompt
 with a guidance on a diffusers prior, and track FID against DDIM samples of the same prior and prompts.
 
-Per iteration: ``x = g(ψ)`` in the prior's sample space (VAE latents or pixels; a coordinate-MLP generator
-may instead render RGB that the VAE encodes, ``generator.space = image``), the guidance gives a detached
-target ``y``, and Adam descends ``½‖x − sg(y)‖²`` (docs/design.md §3). ``guidance=ddim`` is the reference row: DDIM
+Per iteration (:func:`experiments.distill.distill`): ``x = g(ψ)`` in the prior's sample space (VAE latents or
+pixels; a coordinate-MLP generator may instead render RGB that the VAE encodes, ``generator.space = image``),
+the guidance gets the images' prompt conditioning with the call and gives a detached target ``y``, and Adam
+descends ``½‖x − sg(y)‖²`` (docs/design.md §3). ``guidance=ddim`` is the reference row: DDIM
 (Euler PF-ODE) samples of the same prompts. Every ``eval.every`` iterations (and at the first and last) the
 decoded images are scored: FID against the DDIM reference set (cached per prior/prompts/seed, shared by all
 methods), and on ShapesWorld also FID against true renders, prompt accuracy and the mode-alignment
@@ -28,19 +29,20 @@ import baselines  # noqa: F401  (registers "sds", "vsd", "sdi")
 import msd  # noqa: F401  (registers "msd")
 from experiments.builders import method_label
 from experiments.checkpoint import RunCheckpoint
+from experiments.distill import distill
 from experiments.image_metrics import ClassifierFeatures, CLIPSimilarity, FIDTracker, inception_features
 from experiments.io import write_npz
 from experiments.loggers import RunLogger
 from experiments.outputs import finish_run
+from experiments.tasks import Task, make_optimizer, register_task
 from msd.checks import require
-from msd.denoiser import Denoiser
+from msd.denoiser import Conditioning, Denoiser
 from msd.generators import FourierImageMLP, ImageGrid
-from msd.guidance import Guidance, available_guidances, build_guidance, target_loss
+from msd.guidance import Guidance, available_guidances, build_guidance
 from msd.paths import repo_path
 from msd.priors import DiffusersPrior, locate_prior
 from msd.solvers import SOLVERS, sample, solver_evaluations
 
-OBJECTIVE = "fid"
 REFERENCE_SAMPLER = "ddim"
 GENERATORS = ("grid", "mlp")
 SPACES = ("sample", "image")
@@ -55,6 +57,7 @@ class Text2DSetup:
 
     prior: DiffusersPrior
     prompts: list[str]
+    cond: Conditioning
     denoiser: Denoiser
     guidance: Guidance | None
     generator: nn.Module | None
@@ -102,27 +105,28 @@ def build_generator(cfg: DictConfig, prior: DiffusersPrior, batch: int, generato
                            output=output, generator=generator)
 
 
-def build_text2d_guidance(cfg: DictConfig, prior: DiffusersPrior, prompts: list[str], denoiser: Denoiser,
+def build_text2d_guidance(cfg: DictConfig, prior: DiffusersPrior, denoiser: Denoiser,
                           generator: torch.Generator) -> Guidance:
-    """``build_guidance(guidance.name, ...)`` with the prior's VP schedule; VSD's ε̂_φ is a LoRA on the UNet."""
+    """``build_guidance(guidance.name, ...)`` on the prior's denoiser (which carries its VP schedule); VSD's ε̂_φ
+    is a LoRA on the UNet, initialised from ``generator``."""
     kwargs = OmegaConf.to_container(cfg.guidance, resolve=True)
     name = kwargs.pop("name")
     lora = {field: kwargs.pop(field) for field in LORA_FIELDS if field in kwargs}
     if name == "vsd":
         require("lora_rank" in lora, "guidance.lora_rank", "set for a diffusers prior (VSD's ε̂_φ is a LoRA)", None)
         prior.add_lora(rank=int(lora["lora_rank"]), alpha=lora.get("lora_alpha"), generator=generator)
-        kwargs["particle_model"] = prior.lora_denoiser(prompts)
+        kwargs["particle_model"] = prior.lora_denoiser()
         for toy_only in ("phi_hidden", "phi_layers"):
             kwargs.pop(toy_only, None)
     else:
         require(not lora, "guidance.lora_rank/lora_alpha", "only for guidance=vsd", lora)
     try:
-        return build_guidance(name, denoiser=denoiser, noise_schedule=prior.schedule, **kwargs)
+        return build_guidance(name, denoiser=denoiser, **kwargs)
     except TypeError as error:
         raise ValueError(f"guidance={name}: {error}") from error
 
 
-def build(cfg: DictConfig) -> Text2DSetup:
+def build_setup(cfg: DictConfig) -> Text2DSetup:
     """Check the config and build the run's objects (fails with the field name before writing anything)."""
     require(cfg.get("prior") is not None, "prior", "a prior preset (prior=shapes | sd21 | sd15)", None)
     location = locate_prior(cfg.prior.name, cfg.prior.path)  # a missing model fails first, with how to get it
@@ -133,18 +137,19 @@ def build(cfg: DictConfig) -> Text2DSetup:
     prior = DiffusersPrior.from_pretrained(location, device=cfg.device, dtype=cfg.prior.dtype)
     prompts = per_image_prompts(cfg.task)
     interval = cfg.guidance_interval
-    denoiser = prior.denoiser(prompts, float(cfg.guidance_scale), tuple(interval) if interval is not None else None)
+    cond = prior.conditioning(prompts)
+    denoiser = prior.denoiser(float(cfg.guidance_scale), tuple(interval) if interval is not None else None)
     world = cfg.prior.name == "shapes"
     require(world or cfg.task.eval.features == "inception", "task.eval.features",
             "inception for a prior other than shapes (the classifier features are ShapesWorld's)",
             cfg.task.eval.features)
     if name == REFERENCE_SAMPLER:
         require(cfg.guidance.solver in SOLVERS, "guidance.solver", f"one of {SOLVERS}", cfg.guidance.solver)
-        return Text2DSetup(prior, prompts, denoiser, None, None, world)
-    generator = torch.Generator().manual_seed(int(cfg.seed))
-    guidance = build_text2d_guidance(cfg, prior, prompts, denoiser, generator)
-    image_generator = build_generator(cfg, prior, len(prompts), generator).to(prior.device)
-    return Text2DSetup(prior, prompts, denoiser, guidance, image_generator, world)
+        return Text2DSetup(prior, prompts, cond, denoiser, None, None, world)
+    generator = torch.Generator(prior.device).manual_seed(int(cfg.seed))  # LoRA and g(ψ) initialisation
+    guidance = build_text2d_guidance(cfg, prior, denoiser, generator)
+    image_generator = build_generator(cfg, prior, len(prompts), generator)
+    return Text2DSetup(prior, prompts, cond, denoiser, guidance, image_generator, world)
 
 
 # --- sampling and evaluation ---------------------------------------------------------------------------------
@@ -152,14 +157,16 @@ def build(cfg: DictConfig) -> Text2DSetup:
 def ddim_samples(prior: DiffusersPrior, prompts: list[str], scale: float, interval, steps: int, solver: str,
                  generator: torch.Generator, batch: int = 64) -> Tensor:
     """PF-ODE (DDIM = Euler) samples of the prior in its sample space, one per prompt: ``x̂_T = √(1+σ_max²) n``
-    (``z_T = n``) integrated down ``prior.schedule.grid(steps)`` with CFG ``scale`` against "", in batches."""
+    (``z_T = n``, drawn on the generator's device) integrated down ``prior.schedule.grid(steps)`` with CFG
+    ``scale`` against "", in batches."""
     sigmas = prior.schedule.grid(steps)
-    noise = torch.randn(len(prompts), *prior.sample_shape, generator=generator).to(prior.device)
-    interval = tuple(interval) if interval is not None else None
+    noise = torch.randn(len(prompts), *prior.sample_shape, generator=generator, device=generator.device)
+    noise = noise.to(prior.device)
+    model = prior.denoiser(scale, tuple(interval) if interval is not None else None)
     out = []
     with torch.no_grad():
         for start in range(0, len(prompts), batch):
-            denoiser = prior.denoiser(prompts[start:start + batch], scale, interval)
+            denoiser = model.condition(prior.conditioning(prompts[start:start + batch]))
             x = noise[start:start + batch] * float((1 + sigmas[0] ** 2) ** 0.5)
             out.append(sample(denoiser, x, sigmas, solver))
     return torch.cat(out)
@@ -179,7 +186,8 @@ def reference_cache_path(cfg: DictConfig, prior: DiffusersPrior) -> Path:
 
 def reference_images(cfg: DictConfig, prior: DiffusersPrior) -> tuple[Tensor, list[str]]:
     """DDIM reference images [P·R, C, H, W] in [−1, 1] and their prompts, computed once and cached at
-    :func:`reference_cache_path`."""
+    :func:`reference_cache_path`. Their noise is drawn on the CPU, so the reference set is the same on every
+    device (up to the device's float rounding)."""
     ev = cfg.task.eval
     path = reference_cache_path(cfg, prior)
     prompts = [p for p in cfg.task.prompts for _ in range(int(ev.reference_per_prompt))]
@@ -290,97 +298,84 @@ def image_grid_figure(images: Tensor, prompts: list[str], per_prompt: int, title
     return figure
 
 
-def run(cfg: DictConfig, setup: Text2DSetup, run_dir: Path, logger: RunLogger, checkpoint: RunCheckpoint) -> dict:
-    """One text-to-2D run into ``run_dir``: metrics.csv (every eval), final.json, images.npz, images.png. The
-    optimisation resumes from ``checkpoint``; the DDIM reference row simply reruns."""
-    start = time.perf_counter()
-    task = cfg.task
-    run_dir = Path(run_dir)
-    scorer = Scorer(cfg, setup)
-    method = method_label(cfg.guidance)
-    rows: list[dict] = []
-    if setup.guidance is None:
-        generator = torch.Generator().manual_seed(int(cfg.seed))
-        tic = time.perf_counter()
+@register_task("text2d")
+class Text2DTask(Task):
+    """ψ = the image generator's parameters; x = its images in the prior's sample space; each image is
+    conditioned on its prompt (the same every step)."""
+
+    objective = "fid"
+    step_column = "iteration"
+    evals_column = "unet_evals"
+
+    def __init__(self, cfg: DictConfig, setup: Text2DSetup):
+        self.cfg, self.setup = cfg, setup
+        self.method = method_label(cfg.guidance)
+        self.image_space = cfg.task.generator.space == "image"
+        self.scorer: Scorer | None = None
+        self.images: Tensor | None = None
+
+    @classmethod
+    def build(cls, cfg: DictConfig) -> "Text2DTask":
+        return cls(cfg, build_setup(cfg))
+
+    # --- the loop's interface ---------------------------------------------------------------------------------
+    def render(self) -> Tensor:
+        out = self.setup.generator()
+        return self.setup.prior.encode(out) if self.image_space else out
+
+    def conditioning(self, step: int) -> Conditioning:
+        return self.setup.cond
+
+    def evaluate(self, final: bool) -> dict[str, float]:
+        """Scores of the current images (float32 CPU, [−1, 1]; kept in ``self.images``)."""
+        with torch.no_grad():
+            images = (self.setup.generator().clamp(-1, 1).float().cpu() if self.image_space
+                      else decode_images(self.setup.prior, self.setup.generator()))
+        self.images = images
+        return self.scorer(images, final)
+
+    def state_dict(self) -> dict:
+        return {"image_generator": self.setup.generator.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.setup.generator.load_state_dict(state["image_generator"])
+
+    # --- the run ----------------------------------------------------------------------------------------------
+    def run(self, run_dir: Path, logger: RunLogger, checkpoint: RunCheckpoint) -> dict:
+        """metrics.csv (a row per iteration, scores every ``eval.every``), final.json, images.npz, images.png.
+        The optimisation resumes from ``checkpoint``; the DDIM reference row simply reruns."""
+        start = time.perf_counter()
+        cfg, setup, task = self.cfg, self.setup, self.cfg.task
+        self.scorer = Scorer(cfg, setup)
+        if setup.guidance is None:
+            rows, done, seconds = self.sample_reference()
+        else:
+            generator = torch.Generator(setup.prior.device).manual_seed(int(cfg.seed) + 1)  # the loop's stream
+            params = [p for p in setup.generator.parameters() if p.requires_grad]
+            outcome = distill(self, setup.guidance, make_optimizer(params, task.optimizer), generator, checkpoint,
+                              logger, steps=int(task.steps), log_every=1, eval_every=int(task.eval.every),
+                              progress_bar=bool(task.progress_bar), label=self.method)
+            rows, done, seconds = outcome.rows, outcome.steps, outcome.seconds
+        ms_per_iter = 1e3 * seconds / max(done, 1)
+        final = {"method": self.method, "prior": cfg.prior.name, "guidance_scale": float(cfg.guidance_scale),
+                 "seed": int(cfg.seed), **{k: v for k, v in rows[-1].items() if k not in ("iteration",)},
+                 "iterations": done, "unet_evals_per_iter": rows[-1]["unet_evals"] / max(done, 1),
+                 "ms_per_iter": round(ms_per_iter, 3), "seconds": round(seconds, 3), "images": len(setup.prompts)}
+        write_npz(run_dir / "images.npz", images=self.images.numpy(), prompts=np.array(setup.prompts))
+        figure = image_grid_figure(self.images, setup.prompts, int(task.images_per_prompt),
+                                   f"{self.method} on {cfg.prior.name}, w={float(cfg.guidance_scale):g}: "
+                                   f"FID {final['fid']:.2f}")
+        return finish_run(run_dir, final, rows, "images", figure, logger, start)
+
+    def sample_reference(self) -> tuple[list[dict], int, float]:
+        """``guidance=ddim``: DDIM samples of the prompts, scored once; (rows, steps, seconds)."""
+        cfg, setup = self.cfg, self.setup
+        generator = torch.Generator(setup.prior.device).manual_seed(int(cfg.seed))
         steps = int(cfg.guidance.solver_steps)
+        tic = time.perf_counter()
         samples = ddim_samples(setup.prior, setup.prompts, float(cfg.guidance_scale), cfg.guidance_interval, steps,
                                cfg.guidance.solver, generator)
         seconds = time.perf_counter() - tic
-        images = decode_images(setup.prior, samples)
+        self.images = decode_images(setup.prior, samples)
         evals = float(solver_evaluations(steps, cfg.guidance.solver) * setup.denoiser.evaluations_per_call)
-        rows.append({"iteration": steps, "unet_evals": evals, **scorer(images, final=True)})
-        done, ms_per_iter = steps, 1e3 * seconds / steps
-    else:
-        images, done, seconds, ms_per_iter = optimise(cfg, setup, scorer, rows, logger, checkpoint)
-    final = {"method": method, "prior": cfg.prior.name, "guidance_scale": float(cfg.guidance_scale),
-             "seed": int(cfg.seed), **{k: v for k, v in rows[-1].items() if k not in ("iteration",)},
-             "iterations": done, "unet_evals_per_iter": rows[-1]["unet_evals"] / max(done, 1),
-             "ms_per_iter": round(ms_per_iter, 3), "seconds": round(seconds, 3), "images": len(setup.prompts)}
-    write_npz(run_dir / "images.npz", images=images.numpy(), prompts=np.array(setup.prompts))
-    figure = image_grid_figure(images, setup.prompts, int(task.images_per_prompt),
-                               f"{method} on {cfg.prior.name}, w={float(cfg.guidance_scale):g}: FID {final['fid']:.2f}")
-    return finish_run(run_dir, final, rows, "images", figure, logger, start)
-
-
-def optimise(cfg: DictConfig, setup: Text2DSetup, scorer: Scorer, rows: list[dict], logger: RunLogger,
-             checkpoint: RunCheckpoint) -> tuple[Tensor, int, float, float]:
-    """Adam on ψ for ``task.steps`` iterations (MSD may stop early); scores every ``eval.every``; saves the
-    loop state every ``checkpoint.every`` iterations and resumes from a saved one."""
-    task = cfg.task
-    generator = torch.Generator().manual_seed(int(cfg.seed) + 1)
-    params = [p for p in setup.generator.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=float(task.optimizer.lr), betas=tuple(task.optimizer.betas))
-    image_space = task.generator.space == "image"
-
-    def render() -> Tensor:
-        out = setup.generator()
-        return setup.prior.encode(out) if image_space else out
-
-    def score(row: dict, final: bool = False) -> Tensor:
-        """Score the current images (float32 CPU, [−1, 1]) into ``row`` and return the images."""
-        with torch.no_grad():
-            images = (setup.generator().clamp(-1, 1).float().cpu() if image_space
-                      else decode_images(setup.prior, setup.generator()))
-        scores = scorer(images, final)
-        row.update(scores)
-        logger.log_scalars(scores, step=row["iteration"])
-        return images
-
-    saved = checkpoint.load()
-    if saved is None:
-        evals, seconds, done = 0.0, 0.0, 0
-        rows.append({"iteration": 0, "unet_evals": 0.0})
-        score(rows[-1])
-    else:
-        setup.generator.load_state_dict(saved["image_generator"])
-        optimizer.load_state_dict(saved["optimizer"])
-        setup.guidance.load_state_dict(saved["guidance"])
-        generator.set_state(saved["generator"])
-        rows.extend(dict(r) for r in saved["rows"])
-        evals, seconds, done = saved["evals"], saved["seconds"], saved["step"]
-        print(f"resuming from iteration {done} ({checkpoint.path})", flush=True)
-    for step in range(done, int(task.steps)):
-        if setup.guidance.should_stop(step):
-            break
-        tic = time.perf_counter()
-        x = render()
-        out = setup.guidance(x, step, generator)
-        loss = target_loss(x, out.target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        seconds += time.perf_counter() - tic
-        evals += float(out.aux.get("nfe", 0.0))
-        done = step + 1
-        rows.append({"iteration": done, "unet_evals": evals, "loss": float(loss.detach()), **out.aux})
-        logger.log_scalars(rows[-1], step=done)
-        if done % int(task.eval.every) == 0 and done < int(task.steps):
-            score(rows[-1])
-        if checkpoint.due(done) and done < int(task.steps):
-            checkpoint.save(done, {"image_generator": setup.generator.state_dict(), "optimizer": optimizer.state_dict(),
-                                   "guidance": setup.guidance.state_dict(), "generator": generator.get_state(),
-                                   "rows": [dict(r) for r in rows], "evals": evals, "seconds": seconds})
-    if rows[-1]["iteration"] != done:  # stopped before its first step (MSD's bandwidth already below λ_min)
-        rows.append({"iteration": done, "unet_evals": evals})
-    images = score(rows[-1], final=True)
-    return images, done, seconds, 1e3 * seconds / max(done, 1)
+        return [{"iteration": steps, "unet_evals": evals, **self.scorer(self.images, final=True)}], steps, seconds

@@ -1,13 +1,12 @@
-"""Toy 2D driver: particles on a grid over the canvas, optimised by a guidance against the exact
+"""The toy 2D task: particles on a grid over the canvas, optimised by a guidance against the exact
 density of ``task.dataset`` (the fractal's class ``task.target_class``, or the spiral / pinwheel; or, for
 ``guidance=ddim``, the PF-ODE sampling reference).
 
-Per step k: ``out = guidance(x, k, generator)``; ``L = ½‖x − sg(out.target)‖²`` (mean over particles);
-one optimiser step; stop early when ``guidance.should_stop(k)``. Every ``task.metrics_every`` steps
-(and at the last) a row of metrics.csv records the loss and aux scalars of that update and the NLL /
-in-HDR of the particles after it. The run directory receives ``particles.npz``, ``metrics.csv``,
-``final.json`` and ``scatter.png``; while it runs, ``checkpoint.pt`` every ``task.checkpoint_every`` steps
-(``experiments.checkpoint``: the same command resumes, bitwise identical to an uninterrupted run).
+ψ = x = the particles; unconditional. The loop is :func:`experiments.distill.distill`: every
+``task.metrics_every`` steps (and at the last) a row of metrics.csv records the loss and aux scalars of that
+update and the NLL / in-HDR of the particles after it. The run directory receives ``particles.npz``,
+``metrics.csv``, ``final.json`` and ``scatter.png``; while it runs, ``checkpoint.pt`` every
+``task.checkpoint_every`` steps (the same command resumes, bitwise identical to an uninterrupted run).
 """
 from __future__ import annotations
 
@@ -20,26 +19,18 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch import Tensor
-from tqdm import tqdm
 
-from experiments.builders import ReferenceSampler, Toy2DSetup, build_toy2d, method_label, noise_schedule
+from experiments.builders import Toy2DSetup, build_toy2d, method_label, noise_schedule
 from experiments.checkpoint import RunCheckpoint
+from experiments.distill import Outcome, distill
 from experiments.figures import Canvas, DensityMap, scatter_figure
 from experiments.io import write_npz
 from experiments.loggers import RunLogger
 from experiments.outputs import finish_run
-from msd.guidance import Guidance, target_loss
+from experiments.tasks import Task, make_optimizer, register_task
 from msd.solvers import solver_evaluations, solver_step
 from toy2d.datasets import target_mixture, task_dataset
 from toy2d.metrics import ToyEvaluator
-
-build = build_toy2d
-"""The driver interface of ``experiments.run``: ``build(cfg) -> setup``, then
-``run(cfg, setup, run_dir, logger, checkpoint)``."""
-
-
-OBJECTIVE = "nll"
-"""The final metric a Hydra sweep over this task optimises."""
 
 
 @functools.lru_cache(maxsize=4)
@@ -63,20 +54,13 @@ def canvas_grid(center: tuple[float, float], half_size: float, grid_size: int) -
     return torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).reshape(-1, 2)
 
 
-def make_optimizer(params: list[Tensor], optimizer_cfg: DictConfig) -> torch.optim.Optimizer:
-    if optimizer_cfg.name == "adam":
-        return torch.optim.Adam(params, lr=optimizer_cfg.lr, betas=tuple(optimizer_cfg.betas))
-    return torch.optim.SGD(params, lr=optimizer_cfg.lr)
-
-
 @dataclass
 class History:
-    """Snapshots of the particles every ``save_every`` steps and the metric rows."""
+    """Snapshots of the particles every ``save_every`` steps (and at the last)."""
 
     save_every: int
     snapshot_steps: list[int] = field(default_factory=list)
     snapshots: list[np.ndarray] = field(default_factory=list)
-    rows: list[dict] = field(default_factory=list)
 
     def snapshot(self, step: int, x: Tensor, force: bool = False) -> None:
         if (force or step % self.save_every == 0) and step not in self.snapshot_steps:
@@ -85,132 +69,111 @@ class History:
 
     def state(self) -> dict:
         """For a checkpoint (tensors and plain values)."""
-        return {"snapshot_steps": list(self.snapshot_steps), "rows": [dict(r) for r in self.rows],
-                "snapshots": [torch.from_numpy(s) for s in self.snapshots]}
+        return {"snapshot_steps": list(self.snapshot_steps), "snapshots": [torch.from_numpy(s) for s in self.snapshots]}
 
     def restore(self, state: dict) -> None:
-        self.snapshot_steps, self.rows = list(state["snapshot_steps"]), [dict(r) for r in state["rows"]]
+        self.snapshot_steps = list(state["snapshot_steps"])
         self.snapshots = [s.numpy() for s in state["snapshots"]]
 
 
-@dataclass
-class Outcome:
-    """Final particles, steps run, loop wall time (metrics excluded), denoiser evaluations per particle."""
+@register_task("toy2d")
+class Toy2DTask(Task):
+    """ψ = the particles themselves ([N, 2], a grid over the canvas at step 0); unconditional."""
 
-    particles: Tensor
-    steps: int
-    seconds: float
-    nfe: float
+    objective = "nll"
 
+    def __init__(self, cfg: DictConfig, setup: Toy2DSetup):
+        task = cfg.task
+        self.cfg, self.setup, self.dataset = cfg, setup, task_dataset(task)
+        self.evaluator = toy_evaluator(task.target_class, int(task.eval.n_reference), int(task.eval.reference_seed),
+                                       float(task.eval.hdr_mass), self.dataset)
+        self.device = torch.device(cfg.device)
+        self.center = (float(task.canvas.center[0]), float(task.canvas.center[1]))
+        self.half_size = float(task.canvas.half_size)
+        self.history = History(int(task.save_every))
+        self.method, self.scale = method_label(cfg.guidance), float(cfg.guidance_scale)
+        self.label = f"{self.method}/{cfg.denoiser.name}/w={self.scale:g}" + (
+            f" ({self.dataset})" if self.dataset != "fractal" else "")
+        self.particles = canvas_grid(self.center, self.half_size, int(task.grid_size)).to(self.device)
+        self.particles.requires_grad_(setup.guidance is not None)
 
-def optimise(guidance: Guidance, x_init: Tensor, task: DictConfig, generator: torch.Generator,
-             evaluator: ToyEvaluator, history: History, logger: RunLogger, label: str,
-             checkpoint: RunCheckpoint) -> Outcome:
-    """Adam (or SGD) on the particles against ``guidance``'s targets; ``seconds`` excludes the metrics.
-    Every ``checkpoint.every`` steps the loop state is saved; a saved state is resumed from."""
-    x = x_init.clone().requires_grad_(True)
-    optimizer = make_optimizer([x], task.optimizer)
-    saved = checkpoint.load()
-    if saved is None:
-        history.snapshot(0, x)
-        history.rows.append({"step": 0, **evaluator(x)})
-        seconds, nfe, done = 0.0, 0.0, 0
-    else:
+    @classmethod
+    def build(cls, cfg: DictConfig) -> "Toy2DTask":
+        return cls(cfg, build_toy2d(cfg))
+
+    # --- the loop's interface ---------------------------------------------------------------------------------
+    def render(self) -> Tensor:
+        return self.particles
+
+    def after_step(self, step: int, last: bool) -> None:
+        self.history.snapshot(step, self.particles, force=last)
+
+    def evaluate(self, final: bool) -> dict[str, float]:
+        return self.evaluator(self.particles)
+
+    def state_dict(self) -> dict:
+        return {"particles": self.particles.detach(), "history": self.history.state()}
+
+    def load_state_dict(self, state: dict) -> None:
         with torch.no_grad():
-            x.copy_(saved["particles"])
-        optimizer.load_state_dict(saved["optimizer"])
-        guidance.load_state_dict(saved["guidance"])
-        generator.set_state(saved["generator"])
-        history.restore(saved["history"])
-        seconds, nfe, done = saved["seconds"], saved["nfe"], saved["step"]
-        print(f"resuming {label} from step {done} ({checkpoint.path})", flush=True)
-    with tqdm(total=task.steps, initial=done, desc=label, disable=not task.progress_bar, mininterval=1.0) as bar:
-        for step in range(done, task.steps):
-            if guidance.should_stop(step):
-                break
-            tic = time.perf_counter()
-            out = guidance(x.detach(), step, generator)
-            loss = target_loss(x, out.target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            seconds += time.perf_counter() - tic
-            loss_value = loss.item()
-            done, nfe = step + 1, nfe + out.aux.get("nfe", 0.0)
-            last = done == task.steps or guidance.should_stop(done)
-            history.snapshot(done, x, force=last)
-            if done % task.metrics_every == 0 or last:
-                row = {"step": done, "loss": loss_value, **out.aux, **evaluator(x)}
-                history.rows.append(row)
-                logger.log_scalars(row, step=done)
-            if checkpoint.due(done) and not last:
-                checkpoint.save(done, {"particles": x.detach(), "optimizer": optimizer.state_dict(),
-                                       "guidance": guidance.state_dict(), "generator": generator.get_state(),
-                                       "history": history.state(), "seconds": seconds, "nfe": nfe})
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4g}", refresh=False)
-    return Outcome(x.detach(), done, seconds, nfe)
+            self.particles.copy_(state["particles"])
+        self.history.restore(state["history"])
 
+    # --- the run ----------------------------------------------------------------------------------------------
+    def run(self, run_dir: Path, logger: RunLogger, checkpoint: RunCheckpoint) -> dict:
+        """Optimise (resuming from ``checkpoint``) or, for ``guidance=ddim``, sample the reference (a few ms: it
+        simply reruns); write particles.npz, metrics.csv, scatter.png, final.json."""
+        start = time.perf_counter()
+        cfg, task = self.cfg, self.cfg.task
+        generator = torch.Generator(self.device).manual_seed(int(cfg.seed))
+        if self.setup.guidance is None:
+            outcome = self.sample_reference(generator, logger)
+        else:
+            self.history.snapshot(0, self.particles)
+            optimizer = make_optimizer([self.particles], task.optimizer)
+            outcome = distill(self, self.setup.guidance, optimizer, generator, checkpoint, logger,
+                              steps=int(task.steps), log_every=int(task.metrics_every),
+                              eval_every=int(task.metrics_every), progress_bar=bool(task.progress_bar),
+                              label=self.label)
+        final = {
+            "method": self.method,
+            "denoiser": cfg.denoiser.name,
+            "guide": cfg.guide if self.scale != 1.0 else "none",
+            "guidance_scale": self.scale,
+            "seed": int(cfg.seed),
+            **self.evaluator(outcome.x),
+            "steps": outcome.steps,
+            "nfe": outcome.evals,
+            "seconds": round(outcome.seconds, 3),
+            "particles": int(outcome.x.shape[0]),
+            "hdr_level": self.evaluator.hdr_level,
+            "reference_nll": self.evaluator.entropy,
+        }
+        particles = outcome.x.cpu().numpy()
+        write_npz(run_dir / "particles.npz", particles=particles, trajectory=np.stack(self.history.snapshots),
+                  trajectory_steps=np.array(self.history.snapshot_steps))
+        density = density_map(task.target_class, self.center, self.half_size, self.evaluator.hdr_level,
+                              int(task.figure.resolution), self.dataset)
+        figure = scatter_figure(density, particles, f"{self.label}: NLL {final['nll']:.2f}, "
+                                f"in-HDR {final['in_hdr']:.2f}")
+        return finish_run(run_dir, final, outcome.rows, "scatter", figure, logger, start)
 
-def sample_reference(denoiser, reference: ReferenceSampler, n: int, task: DictConfig,
-                     generator: torch.Generator, evaluator: ToyEvaluator, history: History,
-                     logger: RunLogger) -> Outcome:
-    """PF-ODE samples from σ_max noise (``msd.solvers.solver_step`` down the EDM grid), every level saved."""
-    sigmas = [float(s) for s in noise_schedule(task).grid(reference.solver_steps)]
-    x = sigmas[0] * torch.randn(n, 2, generator=generator, device=generator.device)
-    history.snapshot(0, x, force=True)
-    tic = time.perf_counter()
-    with torch.no_grad():
-        for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:]), start=1):
-            x = solver_step(denoiser, x, sigma, sigma_next, reference.solver)
-            history.snapshot(i, x, force=True)
-    seconds = time.perf_counter() - tic
-    steps = len(sigmas) - 1
-    nfe = float(solver_evaluations(steps, reference.solver) * denoiser.evaluations_per_call)
-    row = {"step": steps, "nfe": nfe, **evaluator(x)}
-    history.rows.append(row)
-    logger.log_scalars(row, step=steps)
-    return Outcome(x, steps, seconds, nfe)
-
-
-def run(cfg: DictConfig, setup: Toy2DSetup, run_dir: Path, logger: RunLogger, checkpoint: RunCheckpoint) -> dict:
-    """Run one toy experiment and write its outputs into ``run_dir``; returns the final metrics. The particle
-    optimisation resumes from ``checkpoint``; the reference sampler (a few ms) simply reruns."""
-    start = time.perf_counter()
-    task = cfg.task
-    dataset = task_dataset(task)
-    evaluator = toy_evaluator(task.target_class, int(task.eval.n_reference), int(task.eval.reference_seed),
-                              float(task.eval.hdr_mass), dataset)
-    device = torch.device(cfg.device)
-    generator = torch.Generator(device).manual_seed(int(cfg.seed))
-    center, half_size = (float(task.canvas.center[0]), float(task.canvas.center[1])), float(task.canvas.half_size)
-    history = History(int(task.save_every))
-    method, scale = method_label(cfg.guidance), float(cfg.guidance_scale)
-    label = f"{method}/{cfg.denoiser.name}/w={scale:g}" + (f" ({dataset})" if dataset != "fractal" else "")
-    if setup.guidance is None:
-        outcome = sample_reference(setup.denoiser, setup.reference, task.grid_size**2, task, generator,
-                                   evaluator, history, logger)
-    else:
-        x_init = canvas_grid(center, half_size, int(task.grid_size)).to(device)
-        outcome = optimise(setup.guidance, x_init, task, generator, evaluator, history, logger, label, checkpoint)
-    final = {
-        "method": method,
-        "denoiser": cfg.denoiser.name,
-        "guide": cfg.guide if scale != 1.0 else "none",
-        "guidance_scale": scale,
-        "seed": int(cfg.seed),
-        **evaluator(outcome.particles),
-        "steps": outcome.steps,
-        "nfe": outcome.nfe,
-        "seconds": round(outcome.seconds, 3),
-        "particles": int(outcome.particles.shape[0]),
-        "hdr_level": evaluator.hdr_level,
-        "reference_nll": evaluator.entropy,
-    }
-    write_npz(run_dir / "particles.npz", particles=outcome.particles.cpu().numpy(),
-              trajectory=np.stack(history.snapshots), trajectory_steps=np.array(history.snapshot_steps))
-    density = density_map(task.target_class, center, half_size, evaluator.hdr_level, int(task.figure.resolution),
-                          dataset)
-    figure = scatter_figure(density, outcome.particles.cpu().numpy(), f"{label}: NLL {final['nll']:.2f}, "
-                            f"in-HDR {final['in_hdr']:.2f}")
-    return finish_run(run_dir, final, history.rows, "scatter", figure, logger, start)
+    def sample_reference(self, generator: torch.Generator, logger: RunLogger) -> Outcome:
+        """``guidance=ddim``: PF-ODE samples from σ_max noise (``msd.solvers.solver_step`` down the EDM grid),
+        every level saved."""
+        reference, denoiser = self.setup.reference, self.setup.denoiser
+        n = int(self.cfg.task.grid_size) ** 2
+        sigmas = [float(s) for s in noise_schedule(self.cfg.task).grid(reference.solver_steps)]
+        x = sigmas[0] * torch.randn(n, 2, generator=generator, device=generator.device)
+        self.history.snapshot(0, x, force=True)
+        tic = time.perf_counter()
+        with torch.no_grad():
+            for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:]), start=1):
+                x = solver_step(denoiser, x, sigma, sigma_next, reference.solver)
+                self.history.snapshot(i, x, force=True)
+        seconds = time.perf_counter() - tic
+        steps = len(sigmas) - 1
+        nfe = float(solver_evaluations(steps, reference.solver) * denoiser.evaluations_per_call)
+        row = {"step": steps, "nfe": nfe, **self.evaluator(x)}
+        logger.log_scalars(row, step=steps)
+        return Outcome(x, steps, seconds, nfe, [row])

@@ -1,17 +1,50 @@
-"""The Denoiser protocol and guidance combinators (CFG, autoguidance).
+"""The Denoiser protocol, the per-call conditioning and guidance combinators (CFG, autoguidance).
 
 Conventions (docs/design.md §3): every denoiser works in variance-exploding coordinates ``x_σ = x + σ n`` and
 returns the ε-prediction ``ε̂(x, σ)``, so ``D(x, σ) = x − σ ε̂`` and ``∇log p_σ(x) = −ε̂ / σ``.
 ``sigma`` is always a per-sample tensor of shape [N] (use :func:`as_sigma` to broadcast a float).
 A variance-preserving model (Stable Diffusion) sets ``vp = True``; its VE input ``x̂`` corresponds to
 ``z_t = α x̂`` with ``α = 1/√(1+σ²)``.
+
+Conditioning travels with each call, not with the model: a guidance receives the step's
+:class:`Conditioning` (or None) and binds it with ``denoiser.condition(cond)``, so one denoiser, and the
+guidance built on it, serves changing prompts (and, for text-to-3D, views). A denoiser also carries its
+own ``noise_schedule`` (the levels it was trained on), which guidances use unless given another.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from msd.schedules import NoiseSchedule
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """The conditioning of one batch of N samples for one call: text-encoder hidden states ``embeddings``
+    [N or 1, L, D] (1: shared by the batch)."""
+
+    embeddings: Tensor
+
+    def __post_init__(self):
+        if self.embeddings.ndim != 3:
+            raise ValueError(f"Conditioning.embeddings must be [N or 1, L, D], got {tuple(self.embeddings.shape)}")
+
+    def __len__(self) -> int:
+        return self.embeddings.shape[0]
+
+    def repeat(self, times: int) -> "Conditioning":
+        """The conditioning of ``x.repeat(times, ...)``: rows tiled ``times`` times (a shared row stays shared)."""
+        if len(self) == 1 or times == 1:
+            return self
+        return Conditioning(self.embeddings.repeat(times, 1, 1))
+
+    def rows(self, index: Tensor | slice) -> "Conditioning":
+        """The conditioning of ``x[index]`` (a shared row stays shared)."""
+        return self if len(self) == 1 else Conditioning(self.embeddings[index])
 
 
 def as_sigma(sigma: float | Tensor, x: Tensor) -> Tensor:
@@ -35,9 +68,21 @@ class Denoiser(ABC):
     vp: bool = False
     """True for models that natively see VP inputs ``z_t = α_t x + s_t ε`` (then ``α = 1/√(1+σ²)``)."""
 
+    noise_schedule: NoiseSchedule | None = None
+    """The noise levels the model knows (σ_min, σ_max, its time parametrisation); None for a model that has no
+    schedule of its own (a guidance built on it must then be given one)."""
+
     @abstractmethod
     def eps(self, x: Tensor, sigma: Tensor) -> Tensor:
         """Predicted noise ε̂(x, σ) for x: [N, ...], sigma: [N] (VE noise std, data units)."""
+
+    def condition(self, cond: Conditioning | None) -> "Denoiser":
+        """This model under the call's conditioning ``cond`` (a cheap view). An unconditional model accepts
+        only None and returns itself."""
+        if cond is not None:
+            raise ValueError(f"{type(self).__name__} is unconditional: it takes no conditioning (cond=None), "
+                             f"got {type(cond).__name__}")
+        return self
 
     @property
     def evaluations_per_call(self) -> int:
@@ -70,6 +115,16 @@ class GuidedDenoiser(Denoiser):
             raise ValueError(f"guidance interval must satisfy 0 <= lo < hi, got {interval}")
         self.main, self.guide, self.scale, self.interval = main, guide, float(scale), interval
         self.vp = main.vp
+
+    @property
+    def noise_schedule(self) -> NoiseSchedule | None:
+        return self.main.noise_schedule
+
+    def condition(self, cond: Conditioning | None) -> "GuidedDenoiser":
+        """Both models under ``cond`` (a CFG guide that ignores conditioning stays as it is)."""
+        if cond is None:
+            return self
+        return type(self)(self.main.condition(cond), self.guide.condition(cond), self.scale, self.interval)
 
     @property
     def evaluations_per_call(self) -> int:

@@ -5,7 +5,8 @@
   pixel centres p ∈ [−1, 1]² → random Fourier features → ReLU MLP → C channels, with the B networks
   evaluated at once by batched matmuls.
 
-Initialisation is drawn from a ``torch.Generator`` (never the global RNG): same seed, same images.
+Initialisation is drawn from a ``torch.Generator`` (never the global RNG), on the generator's device, where the
+module's parameters are created: same seed, same images.
 """
 from __future__ import annotations
 
@@ -17,6 +18,10 @@ from torch import Tensor, nn
 from msd.checks import require
 
 OUTPUT_RANGES = ("tanh", "sigmoid", "none")
+
+
+def _device_of(generator: torch.Generator | None) -> torch.device:
+    return generator.device if generator is not None else torch.device("cpu")
 
 
 def _check_shape(batch: int, channels: int, height: int, width: int) -> None:
@@ -33,7 +38,9 @@ class ImageGrid(nn.Module):
         super().__init__()
         _check_shape(batch, channels, height, width)
         require(init_std >= 0, "generator.init_std", ">= 0", init_std)
-        self.image = nn.Parameter(init_std * torch.randn(batch, channels, height, width, generator=generator))
+        device = _device_of(generator)
+        self.image = nn.Parameter(init_std * torch.randn(batch, channels, height, width, generator=generator,
+                                                         device=device))
 
     def forward(self) -> Tensor:
         return self.image
@@ -58,18 +65,21 @@ class FourierImageMLP(nn.Module):
         require(frequency_std > 0, "generator.frequency_std", "> 0", frequency_std)
         require(output in OUTPUT_RANGES, "generator.output", f"one of {OUTPUT_RANGES}", output)
         self.shape, self.output = (channels, height, width), output
-        ys = (torch.arange(height) + 0.5) / height * 2 - 1
-        xs = (torch.arange(width) + 0.5) / width * 2 - 1
+        device = _device_of(generator)
+        ys = (torch.arange(height, device=device) + 0.5) / height * 2 - 1
+        xs = (torch.arange(width, device=device) + 0.5) / width * 2 - 1
         grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).reshape(-1, 2)
         self.register_buffer("coords", grid)  # [H·W, 2] as (y, x)
         self.register_buffer("frequencies", frequency_std * torch.randn(batch, num_frequencies, 2,
-                                                                       generator=generator))
+                                                                       generator=generator, device=device))
         widths = [2 * num_frequencies] + [hidden] * layers + [channels]
         self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
         for fan_in, fan_out in zip(widths[:-1], widths[1:]):
             bound = 1.0 / math.sqrt(fan_in)
-            self.weights.append(nn.Parameter(bound * (2 * torch.rand(batch, fan_in, fan_out, generator=generator) - 1)))
-            self.biases.append(nn.Parameter(bound * (2 * torch.rand(batch, 1, fan_out, generator=generator) - 1)))
+            weight = torch.rand(batch, fan_in, fan_out, generator=generator, device=device)
+            bias = torch.rand(batch, 1, fan_out, generator=generator, device=device)
+            self.weights.append(nn.Parameter(bound * (2 * weight - 1)))
+            self.biases.append(nn.Parameter(bound * (2 * bias - 1)))
 
     def forward(self) -> Tensor:
         phase = 2 * math.pi * torch.einsum("pk,bfk->bpf", self.coords, self.frequencies)  # [B, H·W, F]

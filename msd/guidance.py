@@ -15,6 +15,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from msd.checks import require
+from msd.denoiser import Conditioning, Denoiser
+from msd.schedules import NoiseSchedule
+
 
 @dataclass
 class GuidanceOutput:
@@ -25,12 +29,17 @@ class GuidanceOutput:
 
 
 class Guidance(ABC):
-    """A score-distillation guidance: ``guidance(x, step, generator) -> GuidanceOutput``."""
+    """A score-distillation guidance: ``guidance(x, step, generator, cond) -> GuidanceOutput``.
+
+    ``cond`` is the step's conditioning of the rows of ``x`` (:class:`~msd.denoiser.Conditioning`; None for an
+    unconditional model such as the toy's), so one guidance serves changing prompts and views. Every random
+    draw uses ``generator``, which must live on ``x.device``."""
 
     name: str = ""
 
     @abstractmethod
-    def __call__(self, x: Tensor, step: int, generator: torch.Generator | None = None) -> GuidanceOutput:
+    def __call__(self, x: Tensor, step: int, generator: torch.Generator | None = None,
+                 cond: Conditioning | None = None) -> GuidanceOutput:
         """Target for sample ``x`` at optimisation step ``step`` (0-based). Must not modify ``x``."""
 
     def should_stop(self, step: int) -> bool:
@@ -54,6 +63,14 @@ def summarize(x: Tensor, target: Tensor, **extra: float) -> dict[str, float]:
     grad_norm = (x.detach() - target).flatten(1).norm(dim=1).mean()
     return {"grad_norm": float(grad_norm), "target_min": float(target.min()), "target_max": float(target.max()),
             **{k: float(v) for k, v in extra.items()}}
+
+
+def noise_schedule_of(denoiser: Denoiser, noise_schedule: NoiseSchedule | None) -> NoiseSchedule:
+    """``noise_schedule`` if given, else the denoiser's own (a prior knows its schedule; there is no default)."""
+    schedule = noise_schedule if noise_schedule is not None else denoiser.noise_schedule
+    require(schedule is not None, "guidance noise_schedule",
+            "given, or carried by the denoiser (denoiser.noise_schedule)", None)
+    return schedule
 
 
 def target_loss(x: Tensor, target: Tensor) -> Tensor:

@@ -40,8 +40,8 @@ from torch import Tensor
 
 from msd.bandwidth import BandwidthSchedule
 from msd.checks import require
-from msd.denoiser import Denoiser, as_sigma, per_sample, with_scale
-from msd.guidance import Guidance, GuidanceOutput, register, summarize
+from msd.denoiser import Conditioning, Denoiser, as_sigma, per_sample, with_scale
+from msd.guidance import Guidance, GuidanceOutput, noise_schedule_of, register, summarize
 from msd.schedules import EDMSchedule, NoiseSchedule
 from msd.solvers import check_solver, ddim_invert, sample, solver_evaluations, solver_step
 
@@ -64,6 +64,10 @@ class ProductDenoiser(Denoiser):
         self.base, self.centers, self.bandwidth = base, centers, float(bandwidth)
 
     @property
+    def noise_schedule(self) -> NoiseSchedule | None:
+        return self.base.noise_schedule
+
+    @property
     def evaluations_per_call(self) -> int:
         return self.base.evaluations_per_call
 
@@ -77,11 +81,12 @@ class ProductDenoiser(Denoiser):
 
 @register("msd")
 class MSDGuidance(Guidance):
-    """Drop-in replacement for an SDS call: ``out = MSDGuidance(denoiser)(x, step, generator)``,
+    """Drop-in replacement for an SDS call: ``out = MSDGuidance(denoiser)(x, step, generator, cond)``,
     then minimise ``target_loss(x, out.target)``; stop when ``should_stop(step)``.
 
     ``sampler`` picks the product sampler (module docstring); ``solver_steps`` / ``solver`` / ``eta`` its
-    PF-ODE grid (over ``noise_schedule``), ``kernel_*`` the eq. 12/15 kernel term (``ode``, ``stable`` only).
+    PF-ODE grid (over ``noise_schedule``, default: the denoiser's own), ``kernel_*`` the eq. 12/15 kernel term
+    (``ode``, ``stable`` only).
     """
 
     def __init__(self, denoiser: Denoiser, sampler: str = "product_ode", lambda0: float = math.sqrt(0.1),
@@ -118,7 +123,7 @@ class MSDGuidance(Guidance):
         require(inversion_scale is None or sampler == "stable", "guidance.inversion_scale",
                 "null unless sampler='stable' (the guidance scale of its DDIM inversion)", inversion_scale)
         self.inversion_denoiser = with_scale(denoiser, inversion_scale)
-        self.noise_schedule = noise_schedule or EDMSchedule()
+        self.noise_schedule = noise_schedule_of(denoiser, noise_schedule)
         grid = self.noise_schedule.grid(solver_steps)
         self.sigmas = [float(s) for s in grid]
         self.times = [float(t) for t in self.noise_schedule.time(grid)]
@@ -126,11 +131,12 @@ class MSDGuidance(Guidance):
     def should_stop(self, step: int) -> bool:
         return self.bandwidth.should_stop(step)
 
-    def __call__(self, x: Tensor, step: int, generator: torch.Generator | None = None) -> GuidanceOutput:
+    def __call__(self, x: Tensor, step: int, generator: torch.Generator | None = None,
+                 cond: Conditioning | None = None) -> GuidanceOutput:
         lam = self.bandwidth(step)
         require(lam > 0, "guidance bandwidth at this step", "> 0 (stop when should_stop(step) is True)", lam)
         with torch.no_grad():
-            target = self.product_samples(x.detach(), lam, generator).mean(dim=0)
+            target = self.product_samples(x.detach(), lam, generator, cond).mean(dim=0)
         return GuidanceOutput(target, summarize(x, target, bandwidth=lam, nfe=self.evaluations_per_estimate()))
 
     def evaluations_per_estimate(self) -> int:
@@ -146,17 +152,20 @@ class MSDGuidance(Guidance):
         start = self.denoiser.evaluations_per_call if self.start_factor is not None else 0  # D(x, λ), shared
         return self.num_samples * per_sample_cost + start
 
-    def product_samples(self, x: Tensor, lam: float, generator: torch.Generator | None) -> Tensor:
-        """``num_samples`` draws y ~ ṗ(·|x) ∝ p(y) G_λ(x − y) per row of ``x``: [num_samples, *x.shape]
-        (``tweedie``: the one deterministic estimate D(x, λ), [1, *x.shape])."""
+    def product_samples(self, x: Tensor, lam: float, generator: torch.Generator | None,
+                        cond: Conditioning | None = None) -> Tensor:
+        """``num_samples`` draws y ~ ṗ(·|x) ∝ p(y) G_λ(x − y) per row of ``x`` (conditioned on ``cond``):
+        [num_samples, *x.shape] (``tweedie``: the one deterministic estimate D(x, λ), [1, *x.shape])."""
         if self.sampler == "tweedie":
-            return self.denoiser.denoise(x, as_sigma(lam, x))[None]
+            return self.denoiser.condition(cond).denoise(x, as_sigma(lam, x))[None]
         if self.sampler == "exact":
+            require(cond is None, "cond", "None for sampler='exact' (the toy's unconditional mixtures)", cond)
             samples = self.denoiser.product_sample(x, lam, generator=generator, n_per_center=self.num_samples)
             return samples.reshape(self.num_samples, *x.shape)
         centers = x.repeat(self.num_samples, *([1] * (x.ndim - 1)))
         solve = {"product_ode": self._product_solve, "ode": self._ode_solve, "stable": self._stable_solve}
-        return solve[self.sampler](centers, lam, generator).reshape(self.num_samples, *x.shape)
+        samples = solve[self.sampler](centers, lam, generator, cond)
+        return samples.reshape(self.num_samples, *x.shape)
 
     def start_grid(self, lam: float) -> list[float]:
         """The truncated start's grid: EDM ρ = 7 levels from σ_s = min(kλ, σ_max) to σ_min, then 0."""
@@ -166,15 +175,17 @@ class MSDGuidance(Guidance):
                 top)
         return [float(s) for s in EDMSchedule(sigma_min, top).grid(len(self.sigmas) - 1)]
 
-    def _product_solve(self, centers: Tensor, lam: float, generator: torch.Generator | None) -> Tensor:
+    def _product_solve(self, centers: Tensor, lam: float, generator: torch.Generator | None,
+                       cond: Conditioning | None) -> Tensor:
         """The PF-ODE of ``ProductDenoiser`` from ``x + σ_max ε`` (or the truncated start) down the grid."""
-        product = ProductDenoiser(self.denoiser, centers, lam)
+        model = self.denoiser.condition(None if cond is None else cond.repeat(self.num_samples))
+        product = ProductDenoiser(model, centers, lam)
         if self.start_factor is None:
             z = centers + self._noise(centers, generator)
             return sample(product, z, self.sigmas, self.solver, self.eta, generator)
         sigmas = self.start_grid(lam)
         n = centers.shape[0] // self.num_samples
-        mean = self.denoiser.denoise(centers[:n], as_sigma(lam, centers[:n])).repeat(
+        mean = self.denoiser.condition(cond).denoise(centers[:n], as_sigma(lam, centers[:n])).repeat(
             self.num_samples, *([1] * (centers.ndim - 1)))
         z = mean + self._noise(centers, generator, sigmas[0])
         return sample(product, z, sigmas, self.solver, self.eta, generator)
@@ -202,21 +213,26 @@ class MSDGuidance(Guidance):
         sigma = self.sigmas[0] if sigma is None else sigma
         return sigma * torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
 
-    def _ode_solve(self, centers: Tensor, lam: float, generator: torch.Generator | None) -> Tensor:
+    def _ode_solve(self, centers: Tensor, lam: float, generator: torch.Generator | None,
+                   cond: Conditioning | None) -> Tensor:
+        model = self.denoiser.condition(None if cond is None else cond.repeat(self.num_samples))
         z = self._noise(centers, generator)
         for i, (sigma, sigma_next) in enumerate(zip(self.sigmas[:-1], self.sigmas[1:])):
-            z = solver_step(self.denoiser, z, sigma, sigma_next, self.solver)
+            z = solver_step(model, z, sigma, sigma_next, self.solver)
             decay = self._decay(i, lam)
             if decay < 1.0:
                 c = self._center(centers, sigma_next)
                 z = c + (z - c) * decay
         return z
 
-    def _stable_solve(self, centers: Tensor, lam: float, generator: torch.Generator | None) -> Tensor:
+    def _stable_solve(self, centers: Tensor, lam: float, generator: torch.Generator | None,
+                      cond: Conditioning | None) -> Tensor:
+        cond = None if cond is None else cond.repeat(self.num_samples)
+        model, inversion_model = self.denoiser.condition(cond), self.inversion_denoiser.condition(cond)
         ascending = torch.tensor(self.sigmas[::-1], dtype=torch.float64)
-        anchors = ddim_invert(self.inversion_denoiser, centers, ascending).flip(0)  # anchors[i] at self.sigmas[i]
+        anchors = ddim_invert(inversion_model, centers, ascending).flip(0)  # anchors[i] at self.sigmas[i]
         z = anchors[0] + (self._noise(centers, generator) - anchors[0]) * self._decay(0, lam)
         for i, (sigma, sigma_next) in enumerate(zip(self.sigmas[:-1], self.sigmas[1:])):
-            z = solver_step(self.denoiser, z, sigma, sigma_next, self.solver)
+            z = solver_step(model, z, sigma, sigma_next, self.solver)
             z = anchors[i + 1] + (z - anchors[i + 1]) * self._decay(i, lam)
         return z

@@ -14,6 +14,10 @@ feeds the UNet ``z = α x̂`` with ``α = 1/√(1+σ²)`` and the fractional DDP
 ``alphas_cumprod``; σ outside the trained range is clamped to t ∈ [0, T−1] for the timestep only).
 A v-prediction output is converted with ``ε = s z + α v`` (``s = σ α``). CFG is
 ``ε̂ = ε̂_u + w (ε̂_c − ε̂_u)`` against the empty prompt, both halves in one UNet forward.
+
+Prompts are conditioning, given per call: ``prior.denoiser(w)`` is the model, ``prior.conditioning(prompts)``
+the :class:`~msd.denoiser.Conditioning` a guidance receives with each call (``denoiser.condition(cond)``
+binds it); the denoiser's ``noise_schedule`` is the prior's own VP schedule.
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from msd.denoiser import Denoiser, GuidedDenoiser, as_sigma, per_sample
+from msd.denoiser import Conditioning, Denoiser, GuidedDenoiser, as_sigma, per_sample
 from msd.paths import REPO_ROOT
 from msd.schedules import VPSchedule
 
@@ -242,11 +246,12 @@ class DiffusersPrior:
             self._embeddings.update(zip(new, hidden))
         return torch.stack([self._embeddings[p] for p in prompts])
 
-    def _prompt_embeddings(self, prompts: str | Sequence[str]) -> Tensor:
+    def conditioning(self, prompts: str | Sequence[str]) -> Conditioning:
+        """The conditioning of a batch on ``prompts``: one prompt (shared by the batch) or one per sample."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"prompts must be a string or a non-empty list of strings, got {prompts!r}")
-        return self.text_embeddings(prompts)
+        return Conditioning(self.text_embeddings(prompts))
 
     # --- denoising --------------------------------------------------------------------------------------
     def eps(self, x: Tensor, sigma: Tensor, embeddings: Tensor, adapters: bool = False) -> Tensor:
@@ -275,14 +280,17 @@ class DiffusersPrior:
             return per_sample(sigma, x) * alpha * z + alpha * output
         return output
 
-    def denoiser(self, prompts: str | Sequence[str], guidance_scale: float = 1.0,
-                 interval: tuple[float, float] | None = None) -> Denoiser:
-        """The prior conditioned on ``prompts`` (one, broadcast, or one per sample), with CFG
-        ``ε̂_u + w (ε̂_c − ε̂_u)`` against "" at ``w = guidance_scale`` on σ ∈ ``interval`` (None: all σ)."""
-        conditional = PromptDenoiser(self, self._prompt_embeddings(prompts))
+    def denoiser(self, guidance_scale: float = 1.0, interval: tuple[float, float] | None = None) -> Denoiser:
+        """The text-conditional prior with CFG ``ε̂_u + w (ε̂_c − ε̂_u)`` against "" at ``w = guidance_scale`` on
+        σ ∈ ``interval`` (None: all σ). Unbound: each call's conditioning binds it (``.condition(cond)``)."""
+        conditional = PromptDenoiser(self)
         if guidance_scale == 1.0:
             return conditional
-        return CFGDenoiser(conditional, PromptDenoiser(self, self._prompt_embeddings("")), guidance_scale, interval)
+        return CFGDenoiser(conditional, self.unconditional_denoiser(), guidance_scale, interval)
+
+    def unconditional_denoiser(self) -> "PromptDenoiser":
+        """The prior at the empty prompt, whatever the call's conditioning (CFG's guide)."""
+        return PromptDenoiser(self, self.conditioning("").embeddings, unconditional=True)
 
     def in_data_range(self, x: Tensor, sigma: Tensor, eps: Tensor) -> Tensor:
         """ε̂ whose clean estimate lies in the data range: ``(x − P(x − σ ε̂))/σ`` with ``P`` =
@@ -300,7 +308,7 @@ class DiffusersPrior:
         """Add a PEFT LoRA (``unet.add_adapter``) of ``rank`` and scale ``alpha/rank`` (alpha default:
         rank) to the UNet; returns its parameters, kept in float32 for training even on a float16 UNet.
         ``B = 0`` so the adapted model starts equal to the prior; ``A ~ U(±1/√fan_in)`` is drawn from
-        ``generator``. The adapter is enabled only inside :meth:`lora_denoiser` views (PEFT's
+        ``generator`` (on ``prior.device``). The adapter is enabled only inside :meth:`lora_denoiser` views (PEFT's
         enable/disable also switches the LoRA parameters' ``requires_grad``)."""
         from peft import LoraConfig
 
@@ -316,8 +324,8 @@ class DiffusersPrior:
         with torch.no_grad():
             for name, parameter in self.unet.named_parameters():
                 if f".lora_A.{adapter_name}." in name:
-                    draw = torch.rand(parameter.shape, generator=generator, dtype=torch.float32)
-                    parameter.data = ((2 * draw - 1) / math.sqrt(parameter.shape[1])).to(self.device)
+                    draw = torch.rand(parameter.shape, generator=generator, dtype=torch.float32, device=self.device)
+                    parameter.data = (2 * draw - 1) / math.sqrt(parameter.shape[1])
         for parameter in self.lora_parameters():
             parameter.data = parameter.data.float()
         self._set_adapters(False)
@@ -330,11 +338,11 @@ class DiffusersPrior:
         tag = f".{self._lora}."
         return [p for name, p in self.unet.named_parameters() if ".lora_" in name and tag in name]
 
-    def lora_denoiser(self, prompts: str | Sequence[str]) -> "LoRADenoiser":
-        """ε̂_φ: the LoRA-adapted UNet conditioned on ``prompts`` (no CFG); ``.parameters()`` = the LoRA."""
+    def lora_denoiser(self) -> "LoRADenoiser":
+        """ε̂_φ: the LoRA-adapted UNet (no CFG), conditioned per call; ``.parameters()`` = the LoRA."""
         if self._lora is None:
             raise ValueError("the prior has no LoRA adapter: call prior.add_lora(...) first")
-        return LoRADenoiser(self, self._prompt_embeddings(prompts))
+        return LoRADenoiser(self)
 
     def _set_adapters(self, enabled: bool) -> None:
         if enabled and self._lora is None:
@@ -403,15 +411,30 @@ class CleanRange:
 
 
 class PromptDenoiser(Denoiser):
-    """The prior conditioned on fixed text embeddings [1 or N, L, D]; adapters disabled."""
+    """The prior at text embeddings [1 or N, L, D]; adapters disabled. ``embeddings`` None: unbound, bound per
+    call by :meth:`condition`. ``unconditional``: CFG's empty-prompt guide, which keeps its embeddings whatever
+    the call's conditioning."""
 
     vp = True
     adapters = False
 
-    def __init__(self, prior: DiffusersPrior, embeddings: Tensor):
-        self.prior, self.embeddings = prior, embeddings
+    def __init__(self, prior: DiffusersPrior, embeddings: Tensor | None = None, unconditional: bool = False):
+        self.prior, self.embeddings, self.unconditional = prior, embeddings, unconditional
+
+    @property
+    def noise_schedule(self) -> VPSchedule:
+        return self.prior.schedule
+
+    def condition(self, cond: Conditioning | None) -> "PromptDenoiser":
+        if self.unconditional or cond is None:
+            return self
+        return type(self)(self.prior, cond.embeddings)
 
     def eps(self, x: Tensor, sigma: Tensor) -> Tensor:
+        if self.embeddings is None:
+            raise ValueError("the prior's denoiser has no conditioning: pass the step's conditioning to the guidance "
+                             "(guidance(x, step, generator, cond=prior.conditioning(prompts))) or bind it with "
+                             "denoiser.condition(cond)")
         return self.prior.in_data_range(x, sigma, self.prior.eps(x, sigma, self.embeddings, adapters=self.adapters))
 
 
@@ -440,8 +463,8 @@ class CFGDenoiser(GuidedDenoiser):
         active = torch.ones_like(sigma, dtype=torch.bool)
         if self.interval is not None:
             active = (sigma >= self.interval[0]) & (sigma <= self.interval[1])
-        if self.scale == 1.0 or not bool(active.any()):
-            return self.main.eps(x, sigma)
+        if self.scale == 1.0 or not bool(active.any()) or self.main.embeddings is None:
+            return self.main.eps(x, sigma)  # (unbound: raises, saying how to condition)
         n = x.shape[0]
         embeddings = torch.cat([self.main.embeddings.expand(n, -1, -1), self.guide.embeddings.expand(n, -1, -1)])
         both = self.main.prior.eps(torch.cat([x, x]), torch.cat([sigma, sigma]), embeddings, self.main.adapters)

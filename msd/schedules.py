@@ -49,9 +49,10 @@ class NoiseSchedule(ABC):
 
 
 class EDMSchedule(NoiseSchedule):
-    """σ(t) = (σ_min^{1/ρ} + t (σ_max^{1/ρ} − σ_min^{1/ρ}))^ρ; the toy uses σ ∈ [0.002, 5], ρ = 7."""
+    """σ(t) = (σ_min^{1/ρ} + t (σ_max^{1/ρ} − σ_min^{1/ρ}))^ρ (the toy's denoisers carry σ ∈ [0.002, 5], ρ = 7:
+    ``toy2d.TOY_SCHEDULE``)."""
 
-    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 5.0, rho: float = 7.0):
+    def __init__(self, sigma_min: float, sigma_max: float, rho: float = 7.0):
         if not (0.0 < sigma_min < sigma_max):
             raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
         self.sigma_min, self.sigma_max, self.rho = float(sigma_min), float(sigma_max), float(rho)
@@ -106,7 +107,8 @@ class VPSchedule(NoiseSchedule):
         pos = t.clamp(0.0, 1.0) * (self.num_train_timesteps - 1)
         lo = pos.floor().long().clamp(max=self.num_train_timesteps - 2)
         frac = pos - lo
-        log_sigma = (1 - frac) * self.log_sigmas[lo] + frac * self.log_sigmas[lo + 1]
+        log_sigmas = self.log_sigmas.to(t.device)
+        log_sigma = (1 - frac) * log_sigmas[lo] + frac * log_sigmas[lo + 1]
         return log_sigma.exp()
 
     def timestep(self, sigma: Tensor) -> Tensor:
@@ -147,21 +149,23 @@ class TimestepSampler:
         self.total_steps = int(total_steps)
         self.t_end = float(t_min if t_end is None else t_end)
 
-    def t(self, n: int, step: int, generator: torch.Generator | None = None) -> Tensor:
-        """Normalised times [n] (float64) for optimisation step ``step``."""
+    def t(self, n: int, step: int, generator: torch.Generator | None = None,
+          device: torch.device | str = "cpu") -> Tensor:
+        """Normalised times [n] (float64, on ``device``, drawn with ``generator``, which must live there) for
+        optimisation step ``step``."""
         progress = min(max(step, 0) / self.total_steps, 1.0)
         if self.mode in ("uniform", "annealed"):
             hi = self.t_max if self.mode == "uniform" else self.t_max + (self.t_end - self.t_max) * progress
             hi = max(hi, self.t_min)
-            u = torch.rand(n, generator=generator, dtype=torch.float64)
+            u = torch.rand(n, generator=generator, dtype=torch.float64, device=device)
             return self.t_min + (hi - self.t_min) * u
         shape = progress if self.mode == "linear" else math.sqrt(progress)
-        return torch.full((n,), self.t_max - (self.t_max - self.t_min) * shape, dtype=torch.float64)
+        return torch.full((n,), self.t_max - (self.t_max - self.t_min) * shape, dtype=torch.float64, device=device)
 
     def sample(self, n: int, step: int, generator: torch.Generator | None = None,
                dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Tensor:
-        """Noise levels σ [n] for optimisation step ``step``."""
-        return self.schedule.sigma(self.t(n, step, generator)).to(dtype=dtype, device=device)
+        """Noise levels σ [n] on ``device`` for optimisation step ``step``."""
+        return self.schedule.sigma(self.t(n, step, generator, device)).to(dtype=dtype)
 
 
 WEIGHTINGS = ("sds", "uniform", "fantasia3d", "sigma")

@@ -12,10 +12,14 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 torch.set_num_threads(1)  # small tensors: a second OpenMP thread only adds spin-wait overhead
 
 from msd.denoiser import Denoiser, per_sample  # noqa: E402
+from toy2d import TOY_SCHEDULE  # noqa: E402
 
 
 class GaussianDenoiser(Denoiser):
-    """Exact denoiser of p = N(μ, s² I): p_σ = N(μ, (s² + σ²) I), ε̂ = σ (x − μ)/(s² + σ²)."""
+    """Exact denoiser of p = N(μ, s² I): p_σ = N(μ, (s² + σ²) I), ε̂ = σ (x − μ)/(s² + σ²); it carries the
+    toy's noise levels."""
+
+    noise_schedule = TOY_SCHEDULE
 
     def __init__(self, mean, std: float):
         self.mean, self.std = torch.as_tensor(mean, dtype=torch.float32), float(std)

@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-import experiments.text2d  # noqa: E402
+import experiments.distill  # noqa: E402
 from baselines import VSDGuidance  # noqa: E402
 from experiments.checkpoint import CHECKPOINT_FILE, RunCheckpoint, clear_for_rerun  # noqa: E402
 from experiments.run import run  # noqa: E402
@@ -99,14 +99,12 @@ def interrupt_after(monkeypatch, module, calls: int) -> None:
 @pytest.mark.parametrize("guidance", ["msd", "sdi"])
 def test_toy_resume_in_process(monkeypatch, tmp_path, guidance):
     """MSD (bandwidth = schedule(step), early stop) and SDI (annealed-free timesteps, inversion noise)."""
-    import experiments.toy2d as toy
-
     overrides = [f"guidance={guidance}", "task.steps=12", "task.checkpoint_every=4", *TOY]
     if guidance == "sdi":
         overrides.append("guidance.inversion_steps=2")
     run(compose_config(*overrides), tmp_path / "whole")
     with monkeypatch.context() as patch:
-        interrupt_after(patch, toy, 6)
+        interrupt_after(patch, experiments.distill, 6)
         with pytest.raises(Interrupt):
             run(compose_config(*overrides), tmp_path / "resumed")
     assert torch.load(tmp_path / "resumed" / CHECKPOINT_FILE, weights_only=True)["step"] == 4
@@ -132,7 +130,7 @@ def test_text2d_vsd_resume_is_bitwise_identical(monkeypatch, tiny_pixel_prior, t
     overrides = text2d_overrides(tiny_pixel_prior, tmp_path / "cache", "t2d_vsd")
     run(compose_config(*overrides), tmp_path / "whole")
     with monkeypatch.context() as patch:
-        interrupt_after(patch, experiments.text2d, 3)
+        interrupt_after(patch, experiments.distill, 3)
         with pytest.raises(Interrupt):
             run(compose_config(*overrides), tmp_path / "resumed")
     assert torch.load(tmp_path / "resumed" / CHECKPOINT_FILE, weights_only=True)["step"] == 2

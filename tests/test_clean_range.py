@@ -68,9 +68,10 @@ def test_tiny_prior_reads_its_scheduler_config(tmp_path):
     assert clipped.clean_range == CleanRange("clip", 1.0) and free.clean_range is None
     x = 3 * torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(1))
     sigma = torch.tensor([0.5, 8.0])
-    for view in (clipped.denoiser("a cat"), clipped.denoiser(["a cat", "a dog"], 4.0)):
+    for view in (clipped.denoiser().condition(clipped.conditioning("a cat")),
+                 clipped.denoiser(4.0).condition(clipped.conditioning(["a cat", "a dog"]))):
         assert view.denoise(x, sigma).abs().max() <= 1.0 + 1e-4
-    unclipped = free.denoiser("a cat", 4.0).denoise(x, sigma)
+    unclipped = free.denoiser(4.0).condition(free.conditioning("a cat")).denoise(x, sigma)
     assert unclipped.abs().max() > 1.0  # the same random UNet leaves the range without the config
 
 
@@ -88,7 +89,7 @@ def test_shapes_prior_clean_estimates_in_range(shapes_prior):
     renders, _ = sample_world(4, torch.Generator().manual_seed(0), prompts=torch.tensor([prompt_id(p) for p in prompts]),
                               resolution=32)
     noisy = renders + 3.0 * torch.randn(renders.shape, generator=torch.Generator().manual_seed(1))
-    denoiser = shapes_prior.denoiser(prompts, 4.0)
+    denoiser = shapes_prior.denoiser(4.0).condition(shapes_prior.conditioning(prompts))
     with torch.no_grad():
         clean = denoiser.denoise(noisy, torch.full((4,), 3.0))
     assert clean.abs().max() <= 1.0 + 1e-4
@@ -102,7 +103,7 @@ def test_sdi_targets_on_true_renders_stay_in_range(shapes_prior):
     prompts = ["a red circle"] * 4
     renders, _ = sample_world(4, torch.Generator().manual_seed(2), prompts=torch.tensor([prompt_id(p) for p in prompts]),
                               resolution=32)
-    guidance = SDIGuidance(shapes_prior.denoiser(prompts, 4.0), noise_schedule=shapes_prior.schedule,
+    guidance = SDIGuidance(shapes_prior.denoiser(4.0).condition(shapes_prior.conditioning(prompts)),
                            t_min=0.9, t_max=0.98)
     out = guidance(renders, 0, torch.Generator().manual_seed(3))
     assert out.target.abs().max() <= 1.0 + 1e-4

@@ -28,7 +28,7 @@ def test_sdi_without_inversion_equals_sds_with_sigma_weighting(gaussian):
 def test_sds_expected_gradient_matches_closed_form(gaussian, weighting):
     """At fixed σ: E_ε[w(ε̂(x+σε, σ) − ε)] = w σ (x − μ)/(s² + σ²)."""
     t = 0.7
-    sigma = float(EDMSchedule().sigma(torch.tensor(t, dtype=torch.float64)))
+    sigma = float(EDMSchedule(0.002, 5.0).sigma(torch.tensor(t, dtype=torch.float64)))
     x = torch.tensor([[1.0, -0.5]]).expand(40_000, 2)
     guidance = SDSGuidance(gaussian, weighting=weighting, t_min=t, t_max=t)
     grad = x - guidance(x, 0, seeded(1)).target
@@ -42,7 +42,7 @@ def test_sds_expected_gradient_matches_closed_form(gaussian, weighting):
 def test_sdi_inversion_gives_the_closed_form_target(gaussian):
     """η = 0: inversion follows the flow z_σ = μ + (x−μ)√(s²+σ²)/s, then D(z_σ, σ) = μ + (x−μ) s/√(s²+σ²)."""
     t = 0.6
-    sigma = float(EDMSchedule().sigma(torch.tensor(t, dtype=torch.float64)))
+    sigma = float(EDMSchedule(0.002, 5.0).sigma(torch.tensor(t, dtype=torch.float64)))
     x = torch.randn(100, 2, generator=seeded(2)) * 0.5 + gaussian.mean
     guidance = SDIGuidance(gaussian, inversion_steps=400, t_min=t, t_max=t)
     out = guidance(x, 0, seeded(3))
@@ -91,14 +91,14 @@ def test_msd_stable_solver_limits(gaussian):
     tiny = MSDGuidance(gaussian, sampler="stable", lambda0=1e-4, lambda_min=0.0, solver_steps=16, solver="euler")
     assert torch.allclose(tiny(x, 0, seeded(9)).target, x, atol=1e-5)
     huge = MSDGuidance(gaussian, sampler="stable", lambda0=1e4, lambda_min=0.0, solver_steps=16, solver="euler")
-    sigmas = EDMSchedule().grid(16)
+    sigmas = EDMSchedule(0.002, 5.0).grid(16)
     ddim = sample(gaussian, float(sigmas[0]) * torch.randn(32, 2, generator=seeded(9)), sigmas)
     assert torch.allclose(huge(x, 0, seeded(9)).target, ddim, atol=1e-4)
 
 
 def test_msd_ode_solver_limits_and_kernel_interval(gaussian):
     x = torch.randn(32, 2, generator=seeded(10))
-    sigmas = EDMSchedule().grid(16)
+    sigmas = EDMSchedule(0.002, 5.0).grid(16)
     ddim = sample(gaussian, float(sigmas[0]) * torch.randn(32, 2, generator=seeded(11)), sigmas)
     huge = MSDGuidance(gaussian, sampler="ode", lambda0=1e4, lambda_min=0.0, solver_steps=16, solver="euler")
     assert torch.allclose(huge(x, 0, seeded(11)).target, ddim, atol=1e-4)
@@ -164,7 +164,7 @@ def test_msd_ode_samplers_forget_their_initial_noise_at_small_bandwidth(gaussian
 
 def test_sdi_global_grid_is_the_official_ddim_grid_cut_at_t():
     """inversion_grid='global': the levels {0, 1/n, …} below t, then t (official SDI); ⌈t·n⌉ steps."""
-    schedule = EDMSchedule()
+    schedule = EDMSchedule(0.002, 5.0)
     sdi = SDIGuidance(GaussianDenoiser(torch.zeros(2), 1.0), noise_schedule=schedule, inversion_grid="global",
                       inversion_steps=10)
     levels = sdi.global_grid(0.45)

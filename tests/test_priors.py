@@ -19,6 +19,11 @@ from tests.tiny_sd import build_tiny_prior
 PROMPTS = ["the cat", "a dog", "the dog"]
 
 
+
+def view(prior, prompts, scale: float = 1.0, interval=None):
+    """The prior's (CFG) denoiser bound to ``prompts``."""
+    return prior.denoiser(scale, interval).condition(prior.conditioning(prompts))
+
 def seeded(seed=0):
     return torch.Generator().manual_seed(seed)
 
@@ -80,7 +85,7 @@ def test_eps_is_the_unet_on_diffusers_noised_latents(prior_dirs, latent_prior):
     with torch.no_grad():
         text = latent_prior.text_encoder(tokens.input_ids).last_hidden_state.expand(3, -1, -1)
         expected = latent_prior.unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=text).sample
-        got = latent_prior.denoiser("the cat").eps(x0 + sigma[:, None, None, None] * noise, sigma)
+        got = view(latent_prior, "the cat").eps(x0 + sigma[:, None, None, None] * noise, sigma)
     assert torch.allclose(got, expected, atol=1e-5)
 
 
@@ -107,39 +112,39 @@ def test_prediction_types_give_eps_and_the_clean_estimate(prior_dirs, variant):
     sigma = prior.schedule.sigma(t / 999).float()
     x0, noise = draw(prior, 3, 3), draw(prior, 3, 4)
     prior.unet = OracleUNet(scheduler, x0, noise, t, prior.prediction_type)
-    view = prior.denoiser("the cat")
+    model = view(prior, "the cat")
     x_hat = x0 + sigma[:, None, None, None] * noise
-    assert torch.allclose(view.eps(x_hat, sigma), noise, atol=1e-4)
-    assert torch.allclose(view.denoise(x_hat, sigma), x0, atol=1e-3)
+    assert torch.allclose(model.eps(x_hat, sigma), noise, atol=1e-4)
+    assert torch.allclose(model.denoise(x_hat, sigma), x0, atol=1e-3)
 
 
 @pytest.mark.parametrize("interval", [None, (0.5, 2.0)])
 def test_cfg_equals_the_guided_denoiser_formula_in_one_forward(latent_prior, interval):
     x, sigma = draw(latent_prior, 3), torch.tensor([0.3, 1.0, 5.0])
-    guided = latent_prior.denoiser(PROMPTS, guidance_scale=7.5, interval=interval)
-    reference = GuidedDenoiser(latent_prior.denoiser(PROMPTS), latent_prior.denoiser(""), 7.5, interval)
+    guided = view(latent_prior, PROMPTS, 7.5, interval=interval)
+    reference = GuidedDenoiser(view(latent_prior, PROMPTS), view(latent_prior, ""), 7.5, interval)
     calls = count_calls(latent_prior.unet)
     with torch.no_grad():
         got = guided.eps(x, sigma)
         assert calls == [6]  # cond and uncond halves batched: one UNet forward on 2N samples
         expected = reference.eps(x, sigma)
     assert torch.allclose(got, expected, atol=1e-5)
-    assert guided.evaluations_per_call == 2 and latent_prior.denoiser(PROMPTS).evaluations_per_call == 1
-    assert not torch.allclose(got, latent_prior.denoiser(PROMPTS).eps(x, sigma), atol=1e-4)
+    assert guided.evaluations_per_call == 2 and view(latent_prior, PROMPTS).evaluations_per_call == 1
+    assert not torch.allclose(got, view(latent_prior, PROMPTS).eps(x, sigma), atol=1e-4)
 
 
 def test_prompts_condition_their_own_samples(latent_prior):
     x, sigma = draw(latent_prior, 3), torch.tensor([0.5, 0.5, 0.5])
     with torch.no_grad():
-        batched = latent_prior.denoiser(PROMPTS).eps(x, sigma)
+        batched = view(latent_prior, PROMPTS).eps(x, sigma)
         for i, prompt in enumerate(PROMPTS):
-            alone = latent_prior.denoiser(prompt).eps(x[i:i + 1], sigma[i:i + 1])
+            alone = view(latent_prior, prompt).eps(x[i:i + 1], sigma[i:i + 1])
             assert torch.allclose(batched[i:i + 1], alone, atol=1e-5)
     assert not torch.allclose(batched[0], batched[1], atol=1e-4)
     with pytest.raises(ValueError, match="prompts"):
-        latent_prior.denoiser(PROMPTS[:2]).eps(x, sigma)
+        view(latent_prior, PROMPTS[:2]).eps(x, sigma)
     with pytest.raises(ValueError, match="prompts"):
-        latent_prior.denoiser([])
+        view(latent_prior, [])
 
 
 def test_text_embeddings_are_cached(prior_dirs):
@@ -168,7 +173,7 @@ def test_encode_decode(prior_dirs, latent_prior):
 
 
 def test_sdi_without_inversion_equals_sds_with_sigma_weighting(latent_prior):
-    denoiser = latent_prior.denoiser(PROMPTS, guidance_scale=5.0)
+    denoiser = view(latent_prior, PROMPTS, 5.0)
     x = draw(latent_prior, 3, 6)
     settings = dict(noise_schedule=latent_prior.schedule, t_min=0.1, t_max=0.9)
     sds = SDSGuidance(denoiser, weighting="sigma", **settings)
@@ -180,18 +185,18 @@ def test_vsd_lora_step_changes_only_adapter_weights(prior_dirs):
     prior = DiffusersPrior.from_pretrained(prior_dirs["latent"], device="cpu")
     x, sigma = draw(prior, 2, 8), torch.tensor([0.4, 2.0])
     with torch.no_grad():
-        base_eps = prior.denoiser("the cat").eps(x, sigma)
+        base_eps = view(prior, "the cat").eps(x, sigma)
     lora = prior.add_lora(rank=2, generator=seeded(0))
     assert lora and all(p.dtype == torch.float32 for p in lora)
     frozen = {name: p.detach().clone() for module in (prior.unet, prior.text_encoder, prior.vae)
               for name, p in module.named_parameters() if ".lora_" not in name}
     lora_before = [p.detach().clone() for p in lora]
-    particles = prior.lora_denoiser("the cat")
+    cond = prior.conditioning("the cat")
+    particles = prior.lora_denoiser()
     assert {id(p) for p in particles.parameters()} == {id(p) for p in lora}
 
-    vsd = VSDGuidance(prior.denoiser("the cat"), particle_model=particles, phi_lr=1e-2,
-                      noise_schedule=prior.schedule)
-    first = vsd(x, 0, seeded(9))
+    vsd = VSDGuidance(prior.denoiser(), particle_model=particles, phi_lr=1e-2)
+    first = vsd(x, 0, seeded(9), cond)
     assert torch.equal(first.target, x)  # B = 0: ε̂_φ starts equal to the prior, so the first gradient is 0
     after = {name: p for module in (prior.unet, prior.text_encoder, prior.vae)
              for name, p in module.named_parameters() if ".lora_" not in name}
@@ -199,15 +204,15 @@ def test_vsd_lora_step_changes_only_adapter_weights(prior_dirs):
     assert all(torch.equal(after[name], value) and after[name].grad is None for name, value in frozen.items())
     assert any(not torch.equal(p, q) for p, q in zip(lora, lora_before))
     with torch.no_grad():  # views other than the LoRA one run with the adapter disabled
-        assert torch.equal(prior.denoiser("the cat").eps(x, sigma), base_eps)
-        assert not torch.allclose(particles.eps(x, sigma), base_eps, atol=1e-7)
-    assert not torch.equal(vsd(x, 1, seeded(10)).target, x)
+        assert torch.equal(view(prior, "the cat").eps(x, sigma), base_eps)
+        assert not torch.allclose(particles.condition(cond).eps(x, sigma), base_eps, atol=1e-7)
+    assert not torch.equal(vsd(x, 1, seeded(10), cond).target, x)
 
 
 def test_lora_needs_add_lora_and_seeds_its_init(prior_dirs):
     a = DiffusersPrior.from_pretrained(prior_dirs["latent"], device="cpu")
     with pytest.raises(ValueError, match="add_lora"):
-        a.lora_denoiser("the cat")
+        a.lora_denoiser()
     b = DiffusersPrior.from_pretrained(prior_dirs["latent"], device="cpu")
     state = torch.random.get_rng_state()
     params_a, params_b = a.add_lora(rank=2, generator=seeded(3)), b.add_lora(rank=2, generator=seeded(3))
@@ -219,7 +224,7 @@ def test_lora_needs_add_lora_and_seeds_its_init(prior_dirs):
 
 def test_msd_stable_solver_limits_on_the_tiny_pipeline(latent_prior):
     """λ → 0 returns x (zero gradient); λ → ∞ is plain DDIM sampling from the same noise."""
-    denoiser = latent_prior.denoiser("the cat", guidance_scale=3.0)
+    denoiser = view(latent_prior, "the cat", 3.0)
     x = draw(latent_prior, 2, 11)
     settings = dict(sampler="stable", solver="euler", lambda_min=0.0, solver_steps=4,
                     noise_schedule=latent_prior.schedule)
@@ -239,14 +244,46 @@ def test_every_guidance_runs_on_the_adapter(prior_dirs, name, variant):
     settings = {"sdi": {"inversion_steps": 2}, "msd": {"solver_steps": 3}}.get(name, {})
     if name == "vsd":
         prior.add_lora(rank=2, generator=seeded(0))
-        settings = {"particle_model": prior.lora_denoiser(PROMPTS[:2])}
-    guidance = build_guidance(name, denoiser=prior.denoiser(PROMPTS[:2], guidance_scale=7.5),
-                              noise_schedule=prior.schedule, **settings)
-    x = draw(prior, 2, 13)
-    target = guidance(x, 0, seeded(14)).target
+        settings = {"particle_model": prior.lora_denoiser()}
+    guidance = build_guidance(name, denoiser=prior.denoiser(7.5), **settings)
+    assert guidance.noise_schedule is prior.schedule  # the prior's own VP schedule, never a default
+    x, cond = draw(prior, 2, 13), prior.conditioning(PROMPTS[:2])
+    target = guidance(x, 0, seeded(14), cond).target
     assert target.shape == x.shape and torch.isfinite(target).all()
     if name != "vsd":  # VSD's ε̂_φ has trained in between
-        assert torch.equal(target, guidance(x, 0, seeded(14)).target)
+        assert torch.equal(target, guidance(x, 0, seeded(14), cond).target)
+
+
+@pytest.mark.parametrize("name, settings", [
+    ("sds", {}), ("sdi", {"inversion_steps": 2, "inversion_grid": "global", "timestep_mode": "linear"}),
+    ("msd", {"solver_steps": 3, "start_factor": 3.0}),
+    ("msd", {"sampler": "stable", "solver": "euler", "solver_steps": 3, "inversion_scale": -1.0}),
+    ("msd", {"sampler": "tweedie"})], ids=["sds", "sdi", "msd", "msd_stable", "msd_tweedie"])
+def test_one_guidance_serves_changing_prompts(latent_prior, name, settings):
+    """A guidance on the unbound prior, given each step's prompts with the call, returns exactly the targets of a
+    guidance built on the prior bound to those prompts (per-sample prompts, N > 1 samples per estimate too)."""
+    free = build_guidance(name, denoiser=latent_prior.denoiser(4.0), **settings)
+    x = draw(latent_prior, 3, 21)
+    for step, prompts in enumerate([PROMPTS, PROMPTS[::-1], ["the cat"] * 3]):
+        bound = build_guidance(name, denoiser=view(latent_prior, prompts, 4.0), **settings)
+        got = free(x, step, seeded(22), latent_prior.conditioning(prompts)).target
+        assert torch.equal(got, bound(x, step, seeded(22)).target)
+    with pytest.raises(ValueError, match="no conditioning"):
+        free(x, 0, seeded(22))
+
+
+def test_msd_with_several_samples_per_estimate_takes_per_image_prompts(latent_prior):
+    """N = 2 product samples of 3 images with 3 prompts are the samples of the 6 rows [x; x] with the prompts
+    repeated (same noise: both draw it for 6 rows at once)."""
+    settings = {"solver_steps": 3, "start_factor": 3.0, "lambda0": 0.5}
+    x, lam = draw(latent_prior, 3, 23), 0.5
+    several = build_guidance("msd", denoiser=latent_prior.denoiser(4.0), num_samples=2, **settings)
+    one = build_guidance("msd", denoiser=latent_prior.denoiser(4.0), **settings)
+    with torch.no_grad():
+        got = several.product_samples(x, lam, seeded(24), latent_prior.conditioning(PROMPTS))
+        rows = one.product_samples(x.repeat(2, 1, 1, 1), lam, seeded(24), latent_prior.conditioning(PROMPTS * 2))
+    assert got.shape == (2, *x.shape)
+    assert torch.allclose(got.reshape(6, *x.shape[1:]), rows[0], atol=1e-5)
 
 
 def test_load_prior_from_a_path_and_from_the_hf_cache(prior_dirs, tmp_path, monkeypatch):

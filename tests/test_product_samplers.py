@@ -23,7 +23,7 @@ from msd.denoiser import Denoiser, GuidedDenoiser, as_sigma
 from msd.mean_shift import MSDGuidance, ProductDenoiser
 from msd.schedules import EDMSchedule, VPSchedule
 from msd.solvers import sample
-from toy2d import ExactDenoiser, GaussianMixture, fractal_gmm
+from toy2d import TOY_SCHEDULE, ExactDenoiser, GaussianMixture, fractal_gmm
 from toy2d.metrics import mmd_rbf
 
 LAMBDAS = (math.sqrt(0.1), 0.03)
@@ -252,7 +252,7 @@ def test_product_ode_with_cfg_limits(fractal):
     assert (tiny - x).abs().max() < 1e-3  # measured 2.3e-4: a sample of ṗ ≈ N(x, λ²) is O(λ) from x
     huge = MSDGuidance(guided, lambda0=1e4, **settings)
     start = x + huge.sigmas[0] * torch.randn(x.shape, generator=seeded(2))
-    plain = sample(guided, start, EDMSchedule().grid(9), "heun")
+    plain = sample(guided, start, EDMSchedule(0.002, 5.0).grid(9), "heun")
     assert (huge(x, 0, seeded(2)).target - plain).abs().max() < 1e-5  # measured 4e-7 (|plain| ≤ 1.5)
     assert (plain - x).abs().max() > 0.1  # the limit is not x itself
 
@@ -268,7 +268,7 @@ def tiny_prior(tmp_path_factory):
 
 
 def test_product_ode_on_the_tiny_pipeline(tiny_prior):
-    denoiser = tiny_prior.denoiser("the cat", guidance_scale=3.0)
+    denoiser = tiny_prior.denoiser(3.0).condition(tiny_prior.conditioning("the cat"))
     x = torch.randn(2, *tiny_prior.sample_shape, generator=seeded(11))
     settings = dict(sampler="product_ode", solver="euler", solver_steps=4, lambda_min=0.0,
                     noise_schedule=tiny_prior.schedule)
@@ -295,11 +295,13 @@ def test_product_ode_on_the_tiny_pipeline(tiny_prior):
 class ZeroDenoiser(Denoiser):
     """ε̂ ≡ 0: every PF-ODE step is the identity, so only the kernel decay moves the ``ode`` sampler."""
 
+    noise_schedule = TOY_SCHEDULE
+
     def eps(self, x, sigma):
         return torch.zeros_like(x)
 
 
-@pytest.mark.parametrize("schedule", [EDMSchedule(), VPSchedule.stable_diffusion()], ids=["edm", "vp"])
+@pytest.mark.parametrize("schedule", [EDMSchedule(0.002, 5.0), VPSchedule.stable_diffusion()], ids=["edm", "vp"])
 @pytest.mark.parametrize("solver", ["euler", "heun"])
 def test_ode_kernel_time_conventions_on_a_zero_model(schedule, solver):
     """With ε̂ ≡ 0 the ``ode`` sampler returns ``c + (σ_max ε − c)·exp(−S/λ²)``: S = Σ Δt = 1 (t from 1 to 0)
@@ -320,7 +322,7 @@ def test_ode_kernel_time_conventions_on_a_zero_model(schedule, solver):
 def test_timestep_kernel_time_is_the_grid_fraction_per_step():
     """Per step: with the kernel on only for σ_i in an interval, the exponent counts Δt = 1/(steps − 1) per active
     step (the grid is σ(t) at t = 1, 1 − 1/(steps−1), …, 0, then the final step σ_min → 0 has Δt = 0)."""
-    schedule, steps, lam = EDMSchedule(), 9, 0.7
+    schedule, steps, lam = EDMSchedule(0.002, 5.0), 9, 0.7
     grid = [float(s) for s in schedule.grid(steps)]
     interval = (0.05, 1.0)
     active = sum(interval[0] <= s <= interval[1] for s in grid[:-2])
@@ -334,7 +336,7 @@ def test_timestep_kernel_time_is_the_grid_fraction_per_step():
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("schedule", [EDMSchedule(), EDMSchedule(0.01, 80.0, 5.0), VPSchedule.stable_diffusion()],
+@pytest.mark.parametrize("schedule", [EDMSchedule(0.002, 5.0), EDMSchedule(0.01, 80.0, 5.0), VPSchedule.stable_diffusion()],
                          ids=["edm", "edm_wide", "vp"])
 def test_schedule_time_inverts_sigma(schedule):
     t = torch.linspace(0.0, 1.0, 1001, dtype=torch.float64)

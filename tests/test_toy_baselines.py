@@ -86,7 +86,7 @@ def test_sdi_fine_inversion_round_trips_but_data_is_not_its_fixed_point():
     converges as 1/n; yet SDI's target D(Inv_σ(x), σ) is 0.2 away from x there, and at σ = 4.5 every target lies
     near the data mean (spread < 1/5 of the data's): x is not SDI's fixed point, the inversion is not the cause."""
     mixture = fractal_gmm("A")
-    denoiser, schedule = ExactDenoiser(mixture), EDMSchedule()
+    denoiser, schedule = ExactDenoiser(mixture), EDMSchedule(0.002, 5.0)
     x = mixture.sample(64, generator=seeded(7)).double()
     errors = {}
     for steps in (50, 200):
@@ -108,6 +108,6 @@ def test_sdi_guidance_uses_the_study_grid():
     if getattr(guidance, "inversion_grid", "uniform") != "uniform":
         pytest.skip("the study mirrors the uniform grid")
     x = torch.rand(32, 2, generator=seeded(8), dtype=torch.float64)
-    levels = sdi_levels(EDMSchedule(), 0.4, 20)
+    levels = sdi_levels(EDMSchedule(0.002, 5.0), 0.4, 20)
     expected = denoiser.denoise(ddim_invert(denoiser, x, levels)[-1], as_sigma(float(levels[-1]), x))
     assert torch.allclose(guidance(x, 0, seeded(9)).target, expected, rtol=0, atol=1e-12)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from msd.denoiser import Denoiser, as_sigma, per_sample
+from msd.schedules import EDMSchedule, NoiseSchedule
 from toy2d.gmm import GaussianMixture
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -44,11 +45,19 @@ a main model ``<dataset>`` (4 × 64) and a weak autoguidance guide ``<dataset>_w
 same way. Retrain with ``make toy2d-weights`` (``experiments.train_toy2d``)."""
 
 
+TOY_SCHEDULE = EDMSchedule(0.002, 5.0, 7.0)
+"""The toy world's noise levels (EDM2's toy: σ ∈ [0.002, 5], ρ = 7), carried by its denoisers."""
+
+
 class ExactDenoiser(Denoiser):
     """The ideal denoiser of a Gaussian mixture: ε̂(x, σ) = −σ ∇log p_σ(x) (exactly 0 at σ = 0)."""
 
-    def __init__(self, mixture: GaussianMixture):
+    noise_schedule = TOY_SCHEDULE
+
+    def __init__(self, mixture: GaussianMixture, noise_schedule: NoiseSchedule | None = None):
         self.mixture = mixture
+        if noise_schedule is not None:
+            self.noise_schedule = noise_schedule
 
     def eps(self, x: Tensor, sigma: Tensor) -> Tensor:
         sigma = as_sigma(sigma, x)
@@ -81,6 +90,7 @@ class MLPDenoiser(nn.Module, Denoiser):
     ``seed`` fixes the (Gaussian) weight initialisation; the global RNG is never used.
     """
 
+    noise_schedule = TOY_SCHEDULE
     sigma_floor = 1e-4
 
     def __init__(self, hidden: int = 64, layers: int = 4, sigma_data: float = 0.5, seed: int = 0):
