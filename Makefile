@@ -28,11 +28,11 @@ test-slurm: venv
 
 reproduce: reproduce-toy2d reproduce-toy2d-studies reproduce-table4-quick
 
-# The fractal toy table (results/toy2d/metrics.*, figure_grid.png, README block): ~6 minutes on 2 cores
+# The fractal toy table (results/toy2d/metrics.*, figure_grid.png): ~6 minutes on 2 cores
 reproduce-toy2d: venv
 	$(PY) -m eval.reproduce_toy2d
 
-# The same grid on the spiral and the pinwheel (no CFG rows: no classes): results/toy2d/<dataset>/, README blocks;
+# The same grid on the spiral and the pinwheel (no CFG rows: no classes): results/toy2d/<dataset>/;
 # ~8 minutes on 2 cores, hence not part of make reproduce
 reproduce-toy2d-datasets: venv
 	$(PY) -m eval.reproduce_toy2d --dataset spiral

@@ -4,7 +4,7 @@ UNet forward faster, measured in one run on this CPU.
 ``python -m eval.bench_text2d`` (also ``make bench``) writes, atomically:
 
 * ``results/bench/text2d.csv`` — per method (sds, vsd, sdi, msd with the ``product_ode``, ``tweedie`` and
-  ``stable`` samplers; the guidances that ``experiments.text2d.build`` builds from the composed config
+  ``stable`` samplers; the guidances that ``experiments.text2d.build_setup`` builds from the composed config
   ``experiment=table4_shapes guidance=t2d_<x>``, 12 prompts × 4 images, CFG w = 4) the wall time of one
   optimisation iteration (mean of ``--iters`` iterations after one warm-up iteration, which is excluded), split
   into ``unet_ms`` (inside ``prior.unet`` forwards, measured by forward pre/post hooks), ``guidance_overhead_ms``

@@ -171,7 +171,7 @@ def test_missing_or_invalid_clip_path_fails_naming_the_field(tiny_clip, tmp_path
 def test_scorer_rows_carry_kid_and_clip_score(tiny_clip, tmp_path):
     """The Scorer on a tiny random ShapesWorld prior: kid, kid_std (vs DDIM), kid_true (vs renders) beside the
     FIDs, clip_score with task.eval.clip_path set; the same images score the same."""
-    from experiments.text2d import build
+    from experiments.text2d import build_setup
     from tests.tiny_sd import build_tiny_shapes_prior
 
     prior, classifier = build_tiny_shapes_prior(tmp_path / "prior")
@@ -179,7 +179,7 @@ def test_scorer_rows_carry_kid_and_clip_score(tiny_clip, tmp_path):
                   'task.prompts=["a red circle","a blue square"]', "task.images_per_prompt=2",
                   "task.eval.reference_per_prompt=3", "task.eval.reference_steps=2",
                   f"task.eval.cache_dir={tmp_path / 'cache'}", "guidance=t2d_ddim", f"task.eval.clip_path={tiny_clip}")
-    scorer = Scorer(cfg, build(cfg))
+    scorer = Scorer(cfg, build_setup(cfg))
     images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
     row = scorer(images)
     assert {"fid", "kid", "kid_std", "fid_true", "kid_true", "clip_score", "prompt_accuracy"} <= set(row)
