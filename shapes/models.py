@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -121,8 +122,9 @@ class ShapesClassifier(nn.Module):
         if not (directory / "model.safetensors").is_file():
             raise FileNotFoundError(f"no classifier at {directory}; train it with `python -m experiments.train_shapes`")
         config = json.loads((directory / "config.json").read_text())
-        model = cls(channels=tuple(config["channels"]), feature_dim=config["feature_dim"])
-        model.load_state_dict(load_file(directory / "model.safetensors"))
+        with torch.device("meta"):  # no initialisation draws: the global RNG is never used, the weights are loaded
+            model = cls(channels=tuple(config["channels"]), feature_dim=config["feature_dim"])
+        model.load_state_dict(load_file(directory / "model.safetensors"), assign=True)
         return model.eval()
 
 
