@@ -12,7 +12,6 @@ from diffusers import DDPMScheduler
 
 from baselines.sdi import SDIGuidance
 from msd.priors import CleanRange, DiffusersPrior, load_prior
-from tests.tiny_sd import build_tiny_prior
 
 SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type="epsilon")
 
@@ -62,22 +61,18 @@ def test_clipping_never_moves_an_estimate_away_from_any_in_range_value():
     assert projected.abs().max() <= 1.0
 
 
-def test_tiny_prior_reads_its_scheduler_config(tmp_path):
-    clipped = load_prior(path=build_tiny_prior(tmp_path / "clip", latent=False, clip_sample=True), device="cpu")
-    free = load_prior(path=build_tiny_prior(tmp_path / "free", latent=False), device="cpu")
+def test_tiny_prior_reads_its_scheduler_config(tiny_prior_dirs):
+    """The same random UNet with and without ``clip_sample`` in its scheduler config."""
+    clipped = load_prior(path=tiny_prior_dirs["pixel_clip"], device="cpu")
+    free = load_prior(path=tiny_prior_dirs["pixel"], device="cpu")
     assert clipped.clean_range == CleanRange("clip", 1.0) and free.clean_range is None
-    x = 3 * torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    x = 3 * torch.randn(2, 3, 16, 8, generator=torch.Generator().manual_seed(1))
     sigma = torch.tensor([0.5, 8.0])
     for view in (clipped.denoiser().condition(clipped.conditioning("a cat")),
                  clipped.denoiser(4.0).condition(clipped.conditioning(["a cat", "a dog"]))):
         assert view.denoise(x, sigma).abs().max() <= 1.0 + 1e-4
     unclipped = free.denoiser(4.0).condition(free.conditioning("a cat")).denoise(x, sigma)
     assert unclipped.abs().max() > 1.0  # the same random UNet leaves the range without the config
-
-
-@pytest.fixture(scope="module")
-def shapes_prior():
-    return load_prior("shapes", device="cpu")
 
 
 def test_shapes_prior_clean_estimates_in_range(shapes_prior):

@@ -508,21 +508,20 @@ def test_a_denoiser_without_schedule_fails_naming_the_field(name):
     assert build_guidance(name, denoiser=_Unscheduled(), noise_schedule=TOY_SCHEDULE).noise_schedule is TOY_SCHEDULE
 
 
-@pytest.fixture(scope="module")
-def shapes_prior(tmp_path_factory):
-    from tests.tiny_sd import build_tiny_shapes_prior
+@pytest.fixture
+def tiny_pixel_prior(tiny_shapes_prior):
+    """The session's tiny random ShapesWorld pixel prior (tests/conftest.py); its classifier lies beside it."""
+    return tiny_shapes_prior[0]
 
-    return build_tiny_shapes_prior(tmp_path_factory.mktemp("shapes"))[0]
 
-
-def test_loading_the_shapes_classifier_draws_nothing(shapes_prior):
+def test_loading_the_shapes_classifier_draws_nothing(tiny_pixel_prior):
     """The text-to-2D scorer loads ShapesWorld's classifier every run: it used to build its layers with PyTorch's
     default initialisation (global RNG) before loading the weights over them (found by eval/cuda_smoke.py's loop)."""
     from safetensors.torch import load_file
 
     from shapes.models import ShapesClassifier
 
-    directory = shapes_prior.parent / "classifier"
+    directory = tiny_pixel_prior.parent / "classifier"
     global_state = torch.get_rng_state()
     with DrawRecorder() as recorder:
         classifier = ShapesClassifier.load(directory)
@@ -536,15 +535,15 @@ def test_loading_the_shapes_classifier_draws_nothing(shapes_prior):
 
 @pytest.mark.parametrize("guidance", ["t2d_sds", "t2d_vsd", "t2d_sdi", "t2d_msd", "t2d_msd_ode", "t2d_msd_stable",
                                       "t2d_msd_tweedie"])
-def test_text2d_builds_its_guidance_on_the_prior_schedule(shapes_prior, tmp_path, guidance):
+def test_text2d_builds_its_guidance_on_the_prior_schedule(tiny_pixel_prior, tmp_path, guidance):
     """experiments.text2d: the guidance (and the denoiser it is built on) carry the prior's VP schedule, and the
     set-up's draws (LoRA, image generator) follow the contract on the prior's device."""
     from hydra import compose, initialize_config_dir
 
     from experiments.text2d import build_setup
 
-    overrides = ["experiment=table4_shapes", f"prior.path={shapes_prior}",
-                 f"prior.classifier={shapes_prior.parent / 'classifier'}", 'task.prompts=["a red circle"]',
+    overrides = ["experiment=table4_shapes", f"prior.path={tiny_pixel_prior}",
+                 f"prior.classifier={tiny_pixel_prior.parent / 'classifier'}", 'task.prompts=["a red circle"]',
                  "task.images_per_prompt=2", "task.solver_steps=2", f"task.eval.cache_dir={tmp_path}", "logger=none",
                  f"guidance={guidance}"]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):

@@ -259,12 +259,10 @@ def test_product_ode_with_cfg_limits(fractal):
 
 # ----- 5. the tiny diffusers pipeline --------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_prior(tmp_path_factory):
-    from msd.priors import DiffusersPrior
-    from tests.tiny_sd import build_tiny_prior
-
-    return DiffusersPrior.from_pretrained(build_tiny_prior(tmp_path_factory.mktemp("prior") / "latent"), device="cpu")
+@pytest.fixture
+def tiny_prior(tiny_latent_prior):
+    """The session's tiny random latent prior (tests/conftest.py), read-only."""
+    return tiny_latent_prior
 
 
 def test_product_ode_on_the_tiny_pipeline(tiny_prior):

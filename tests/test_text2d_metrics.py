@@ -168,13 +168,12 @@ def test_missing_or_invalid_clip_path_fails_naming_the_field(tiny_clip, tmp_path
     Scorer.check(_config(f"task.eval.clip_path={tiny_clip}"))
 
 
-def test_scorer_rows_carry_kid_and_clip_score(tiny_clip, tmp_path):
+def test_scorer_rows_carry_kid_and_clip_score(tiny_clip, tiny_shapes_prior, tmp_path):
     """The Scorer on a tiny random ShapesWorld prior: kid, kid_std (vs DDIM), kid_true (vs renders) beside the
     FIDs, clip_score with task.eval.clip_path set; the same images score the same."""
     from experiments.text2d import build_setup
-    from tests.tiny_sd import build_tiny_shapes_prior
 
-    prior, classifier = build_tiny_shapes_prior(tmp_path / "prior")
+    prior, classifier = tiny_shapes_prior
     cfg = _config(f"prior.path={prior}", f"prior.classifier={classifier}",
                   'task.prompts=["a red circle","a blue square"]', "task.images_per_prompt=2",
                   "task.eval.reference_per_prompt=3", "task.eval.reference_steps=2",
