@@ -1,5 +1,5 @@
 # make reproduce: every committed result (but the spiral / pinwheel toy tables: make reproduce-toy2d-datasets);
-# make test: the CPU test suite. Both create .venv first.
+# make test: the CPU test suite without the tests marked slow; make test-full: all of it. Both create .venv first.
 SHELL := /bin/bash
 PY := .venv/bin/python
 export HF_HUB_OFFLINE := 1
@@ -7,8 +7,8 @@ export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE ?= offline
 export PYTHONHASHSEED := 0
 
-.PHONY: venv test test-slurm reproduce reproduce-toy2d reproduce-toy2d-datasets reproduce-toy2d-studies \
-	reproduce-table4 reproduce-table4-quick reproduce-text2d-studies toy2d-weights shapes-prior bench sweep-bandwidth sweep-guidance dashboards clean
+.PHONY: venv test test-slow test-full test-slurm reproduce reproduce-toy2d reproduce-toy2d-datasets \
+	reproduce-toy2d-studies reproduce-table4 reproduce-table4-quick reproduce-text2d-studies toy2d-weights shapes-prior bench sweep-bandwidth sweep-guidance dashboards clean
 PRIOR ?= sd21
 
 venv: .venv/.installed
@@ -19,8 +19,19 @@ venv: .venv/.installed
 	$(PY) -m pip install --quiet -e ".[slurm,dev]"
 	touch $@
 
+# Tests (tests/, CPU, offline). `slow` (pyproject.toml) marks the heavy end-to-end tests: a CLI, worker or
+# reproduce-script process, a Hydra multirun, the dashboards' real offline runs. make test runs the rest (every
+# library test, in-process runs of each task and guidance, the resume-is-bitwise checks); make test-slow only the
+# slow ones; make test-full all of them in one pytest. .ci/run: make test, then make test-slow (each test once).
+PYTEST := WANDB_MODE=disabled $(PY) -m pytest -q
 test: venv
-	WANDB_MODE=disabled $(PY) -m pytest -q tests
+	$(PYTEST) -m "not slow" tests
+
+test-slow: venv
+	$(PYTEST) -m slow tests
+
+test-full: venv
+	$(PYTEST) tests
 
 # A real one-node SLURM on localhost runs a 4-run toy sweep as a job array (root; installs slurm-wlm if missing)
 test-slurm: venv

@@ -22,7 +22,6 @@ import experiments.distill  # noqa: E402
 from baselines import VSDGuidance  # noqa: E402
 from experiments.checkpoint import CHECKPOINT_FILE, RunCheckpoint, clear_for_rerun  # noqa: E402
 from experiments.run import run  # noqa: E402
-from tests.tiny_sd import build_tiny_shapes_prior  # noqa: E402
 from toy2d import ExactDenoiser, fractal_gmm  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,6 +47,7 @@ def assert_same_run(a: Path, b: Path, arrays: str) -> None:
         {k: v for k, v in final_b.items() if k not in TIMING_KEYS}
 
 
+@pytest.mark.slow  # three CLI processes of a 150-step run; test_toy_resume_in_process is the quick check
 def test_toy_run_killed_and_rerun_is_bitwise_identical(tmp_path):
     """VSD carries state (ε̂_φ and its Adam) besides the particles, the optimiser and the generator."""
     overrides = ["guidance=vsd", "task.steps=150", "task.checkpoint_every=5", *TOY]
@@ -112,25 +112,27 @@ def test_toy_resume_in_process(monkeypatch, tmp_path, guidance):
     assert_same_run(tmp_path / "whole", tmp_path / "resumed", "particles.npz")
 
 
-@pytest.fixture(scope="module")
-def tiny_pixel_prior(tmp_path_factory):
-    return build_tiny_shapes_prior(tmp_path_factory.mktemp("prior"))[0]
+@pytest.fixture
+def tiny_pixel_prior(tiny_shapes_prior):
+    """The session's tiny random ShapesWorld pixel prior (tests/conftest.py); its classifier lies beside it."""
+    return tiny_shapes_prior[0]
 
 
 def text2d_overrides(prior: Path, cache: Path, guidance: str) -> list[str]:
     return ["experiment=table4_shapes", f"prior.path={prior}", f"prior.classifier={prior.parent / 'classifier'}",
-            'task.prompts=["a red circle","a blue square"]', "task.images_per_prompt=2", "task.steps=5",
+            'task.prompts=["a red circle","a blue square"]', "task.images_per_prompt=2", "task.steps=3",
             "task.eval.every=2", "task.checkpoint_every=2", "task.eval.reference_per_prompt=3",
             "task.eval.reference_steps=2", f"task.eval.cache_dir={cache}", "logger=none", "task.solver_steps=2",
             f"guidance={guidance}"]
 
 
 def test_text2d_vsd_resume_is_bitwise_identical(monkeypatch, tiny_pixel_prior, tmp_path):
-    """VSD's LoRA ε̂_φ, its Adam state, the generator MLP, its Adam state, the RNG and the FID rows."""
+    """VSD's LoRA ε̂_φ, its Adam state, the generator MLP, its Adam state, the RNG and the FID rows: 3 iterations,
+    stopped after 2 (checkpoint and FID row at 2), resumed for the last one (and the final FID)."""
     overrides = text2d_overrides(tiny_pixel_prior, tmp_path / "cache", "t2d_vsd")
     run(compose_config(*overrides), tmp_path / "whole")
     with monkeypatch.context() as patch:
-        interrupt_after(patch, experiments.distill, 3)
+        interrupt_after(patch, experiments.distill, 2)
         with pytest.raises(Interrupt):
             run(compose_config(*overrides), tmp_path / "resumed")
     assert torch.load(tmp_path / "resumed" / CHECKPOINT_FILE, weights_only=True)["step"] == 2

@@ -17,7 +17,6 @@ import eval.reproduce_toy2d as reproduce_toy2d  # noqa: E402
 from eval.dashboards import DEFAULT_SPEC, dashboards, main, specification, sweep_presets  # noqa: E402
 from eval.tracking import PROJECT  # noqa: E402
 from tests.test_loggers import TOY_TINY, WANDB_VARIABLES, cli, hydra_metadata, offline_runs  # noqa: E402
-from tests.tiny_sd import build_tiny_shapes_prior  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PRODUCED = {("toy2d", "exact denoiser, guide none (w = 1)"), ("toy2d", "Grid summary"),
@@ -29,7 +28,7 @@ method, and their selection against the metadata the presets resolve to)."""
 
 
 @pytest.fixture(scope="module")
-def logged(tmp_path_factory):
+def logged(tmp_path_factory, tiny_shapes_prior):
     """Real offline runs: toy runs of the grid's exact/unguided setting, a toy sweep and two Table 4 ShapesWorld
     runs on a tiny prior through the Hydra app, and the summaries and studies through their own code (tiny)."""
     tmp = tmp_path_factory.mktemp("dashboards")
@@ -37,7 +36,7 @@ def logged(tmp_path_factory):
         "hydra.sweep.subdir=${hydra:runtime.choices.guidance}")
     cli("sweep=toy2d_bandwidth", "guidance.lambda0=0.3", "guidance.lambda_min=0.01,0.03", *TOY_TINY,
         f"hydra.sweep.dir={tmp / 'sweep'}")
-    prior, classifier = build_tiny_shapes_prior(tmp / "prior")
+    prior, classifier = tiny_shapes_prior
     cli("-m", "experiment=table4_shapes", "guidance=t2d_sds,t2d_msd", f"prior.path={prior}", f"prior.classifier={classifier}",
         'task.prompts=["a red circle","a blue square"]', "task.images_per_prompt=2", "task.steps=2",
         "task.eval.every=1", "task.eval.reference_per_prompt=2", "task.eval.reference_steps=2", "task.solver_steps=2",
@@ -61,8 +60,15 @@ def logged(tmp_path_factory):
     return offline_runs(tmp)
 
 
-def sections():
-    return [(board, section) for board in dashboards() for section in board.sections]
+@pytest.fixture(scope="module")
+def boards():
+    """``dashboards()`` once (each sweep dashboard composes its preset)."""
+    return dashboards()
+
+
+@pytest.fixture(scope="module")
+def sections(boards):
+    return [(board, section) for board in boards for section in board.sections]
 
 
 def config_has(config: dict, dotted: str) -> bool:
@@ -74,18 +80,17 @@ def config_has(config: dict, dotted: str) -> bool:
     return True
 
 
-def test_committed_spec_is_current_and_the_offline_command_writes_it(tmp_path, monkeypatch):
+def test_committed_spec_is_current_and_the_offline_command_writes_it(boards, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     committed = json.loads(DEFAULT_SPEC.read_text())
-    assert committed == json.loads(json.dumps(specification(dashboards(), "", PROJECT)))
+    assert committed == json.loads(json.dumps(specification(boards, "", PROJECT)))
     main(["--spec-out", str(tmp_path / "spec.json")])
     assert json.loads((tmp_path / "spec.json").read_text()) == committed
     with pytest.raises(SystemExit):
         main(["--publish"])
 
 
-def test_every_dashboard_builds_with_its_filters_in_the_report():
-    boards = dashboards()
+def test_every_dashboard_builds_with_its_filters_in_the_report(boards):
     names = [board.name for board in boards]
     assert names[:4] == ["toy2d", "toy2d_studies", "table4_shapes", "table4_sd21"]
     assert names[4:] == [f"sweep_{name}" for name in sweep_presets(REPO / "conf")] and len(names) > 4
@@ -102,13 +107,13 @@ def test_every_dashboard_builds_with_its_filters_in_the_report():
             assert len(panels) == sum(len(p["keys"]) if p["kind"] == "table" else 1 for p in section["panels"])
 
 
-def test_sweep_heatmaps_cover_every_pair_of_swept_keys():
-    board = next(b for b in dashboards() if b.name == "sweep_toy2d_guidance")
+def test_sweep_heatmaps_cover_every_pair_of_swept_keys(boards):
+    board = next(b for b in boards if b.name == "sweep_toy2d_guidance")
     (heatmap,) = [p for p in board.sections[0].panels if p.kind == "heatmap"]
     assert (heatmap.x, heatmap.y, heatmap.keys) == ("guidance_scale", "guidance.lambda0", ("nll",))
 
 
-def test_filters_select_exactly_the_runs_of_their_setting():
+def test_filters_select_exactly_the_runs_of_their_setting(sections):
     """Each run the reproduce scripts and sweeps start is selected by one section: the one for its setting."""
     expected = {}
     for setting in reproduce_toy2d.settings(["exact", "learned"]):
@@ -124,13 +129,14 @@ def test_filters_select_exactly_the_runs_of_their_setting():
         expected[(f"sweep={name}",)] = (f"sweep_{name}", "Runs")
     for overrides, where in expected.items():
         group, job_type, tags = hydra_metadata(*overrides)
-        selecting = [(b.name, s.title) for b, s in sections() if s.runs.matches(group, job_type, tags)]
+        selecting = [(b.name, s.title) for b, s in sections if s.runs.matches(group, job_type, tags)]
         assert selecting == [where], (overrides, group, job_type, tags)
 
 
-def test_panels_plot_keys_the_selected_runs_log(logged):
+@pytest.mark.slow  # the logged fixture: three CLI processes (toy multirun, toy sweep, two Table 4 runs) and the studies
+def test_panels_plot_keys_the_selected_runs_log(logged, sections):
     matched_sections = set()
-    for board, section in sections():
+    for board, section in sections:
         runs = [r for r in logged if section.runs.matches(r.group, r.job_type, r.tags)]
         if runs:
             matched_sections.add((board.name, section.title))

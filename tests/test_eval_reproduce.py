@@ -42,6 +42,7 @@ def test_grid_settings_follow_edm2_scales():
         ("learned", "cfg", 1.0), ("learned", "cfg", 4.0), ("learned", "autoguidance", 3.0)]
 
 
+@pytest.mark.slow  # the grid fixture: the script in a process of its own, 6 runs
 def test_reproduce_writes_tables_and_figure_from_run_dirs(grid):
     tmp, result = grid
     assert "total wall time" in result.stdout and result.stdout.count("+ -m experiments.run") == 6
@@ -66,6 +67,7 @@ def test_reproduce_writes_tables_and_figure_from_run_dirs(grid):
     assert (tmp / "redrawn" / "figure_grid.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow  # the script again, in a process
 def test_reproduce_reuses_finished_runs_with_the_same_config(grid):
     tmp, _ = grid
     cached = {p: p.stat().st_mtime_ns for p in (tmp / "runs").rglob("mode_metrics.json")}
@@ -121,6 +123,7 @@ def test_bad_dataset_fails_naming_the_flag(capsys):
     assert "--dataset" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # the spiral_grid fixture: the script in a process of its own, 7 runs
 def test_spiral_grid_tables_figure_and_runs(spiral_grid):
     tmp, result = spiral_grid
     commands = [line for line in result.stdout.splitlines() if line.startswith("+ -m experiments.run")]

@@ -112,6 +112,7 @@ def offline(monkeypatch):
 
 # --- tests -----------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # a CLI process with an offline W&B run
 def test_experiment_run_metadata_from_the_hydra_app(tmp_path):
     cli("experiment=toy2d", "guidance=msd", "guidance.sampler=exact", *TOY_TINY, f"hydra.run.dir={tmp_path}")
     (run,) = offline_runs(tmp_path)
@@ -121,6 +122,7 @@ def test_experiment_run_metadata_from_the_hydra_app(tmp_path):
     assert run.config["logger"]["group"] == "toy2d" and (tmp_path / RUN_ID_FILE).read_text().strip() == run.run_id
 
 
+@pytest.mark.slow  # a CLI multirun with two offline W&B runs
 def test_sweep_runs_are_grouped_and_tagged_by_the_sweep(tmp_path):
     cli("sweep=toy2d_guidance", "guidance_scale=1,4", "guidance.lambda0=0.3", *TOY_TINY, f"hydra.sweep.dir={tmp_path}")
     runs = offline_runs(tmp_path)

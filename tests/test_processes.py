@@ -19,6 +19,7 @@ TINY = ["experiment=toy2d", "task.grid_size=6", "task.steps=4", "task.solver_ste
         "task.figure.resolution=16", "task.progress_bar=false", "logger=none"]
 
 
+@pytest.mark.slow  # a worker pool of two processes and a CLI process
 def test_worker_runs_equal_cli_runs_and_failures_are_reported(tmp_path):
     jobs = [([*TINY, "guidance=msd"], tmp_path / "msd"), ([*TINY, "guidance=sds"], tmp_path / "sds"),
             ([*TINY, "guidance=sds", "guidance.weighting=bogus"], tmp_path / "bad")]

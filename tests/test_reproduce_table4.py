@@ -36,7 +36,6 @@ from eval.reproduce_table4 import (  # noqa: E402
 )
 from eval.table4_figures import build_all, find_table4_runs, seed_curve  # noqa: E402
 from experiments.builders import method_label  # noqa: E402
-from tests.tiny_sd import build_tiny_prior, build_tiny_shapes_prior  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -222,10 +221,7 @@ def test_reference_seed0_runs_first_alone_then_longest_first(monkeypatch, tmp_pa
 
 
 def test_presets_are_labelled_as_their_rows():
-    """Each row's preset runs under that row's label (final.json ``method``); skipped until every preset exists."""
-    missing = [p for p in GUIDANCES.values() if not (REPO / "conf" / "guidance" / f"{p}.yaml").is_file()]
-    if missing:
-        pytest.skip(f"presets not written yet: {missing}")
+    """Each row's preset runs under that row's label (final.json ``method``)."""
     for method, preset in GUIDANCES.items():
         assert method_label(compose_run_config(["experiment=table4_shapes", f"guidance={preset}"]).guidance) == method
 
@@ -251,10 +247,10 @@ def reproduce(tmp: Path, *args: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def tiny_table(tmp_path_factory):
+def tiny_table(tmp_path_factory, tiny_shapes_prior):
     """DDIM seed 0 and SDS seeds 0, 1 on a tiny prior: 2 prompts × 1 image, 3 iterations, FID every 2."""
     tmp = tmp_path_factory.mktemp("table4")
-    prior, classifier = build_tiny_shapes_prior(tmp)
+    prior, classifier = tiny_shapes_prior
     tiny = [f"prior.path={prior}", f"prior.classifier={classifier}", 'task.prompts=["a red circle","a blue square"]',
             "task.images_per_prompt=1", "task.steps=3", "task.eval.every=2", "task.eval.reference_per_prompt=2",
             "task.eval.reference_steps=2", "task.solver_steps=2", f"task.eval.cache_dir={tmp / 'cache'}",
@@ -267,6 +263,7 @@ def tiny_table(tmp_path_factory):
     return tmp, printed, again
 
 
+@pytest.mark.slow  # the script end to end: 3 runs, twice (the second reuses them)
 def test_tiny_table_end_to_end(tiny_table):
     tmp, printed, again = tiny_table
     assert printed.count("+ -m experiments.run") == 3 and "total wall time" in printed
@@ -286,6 +283,7 @@ def test_tiny_table_end_to_end(tiny_table):
     assert "+ -m experiments.run" not in again and "reusing finished runs" in again  # reused, not rerun
 
 
+@pytest.mark.slow  # a process of its own
 def test_sd21_without_weights_exits_at_once_and_writes_nothing(tmp_path):
     """In a subprocess: the Hugging Face cache location is read when huggingface_hub is imported."""
     command = [sys.executable, "-m", "eval.reproduce_table4", "--prior", "sd21", "--runs-dir", str(tmp_path / "runs"),
@@ -298,8 +296,8 @@ def test_sd21_without_weights_exits_at_once_and_writes_nothing(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
-def test_inception_features_need_a_path(tmp_path, capsys):
-    prior = build_tiny_prior(tmp_path / "latent_prior", latent=True)
+def test_inception_features_need_a_path(tmp_path, capsys, tiny_prior_dirs):
+    prior = tiny_prior_dirs["latent"]
     with pytest.raises(SystemExit) as exit_info:
         reproduce(tmp_path, "--prior", "sd21", f"prior.path={prior}")
     assert exit_info.value.code == 2 and "task.eval.inception_path" in capsys.readouterr().err

@@ -14,6 +14,8 @@ import pytest  # noqa: E402
 
 from eval.sweeps import DEFAULT_METRICS, sweep_table, write_sweep  # noqa: E402
 
+pytestmark = pytest.mark.slow  # every test reads the sweep_dir fixture: a 4-run Hydra multirun in a CLI process
+
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["task.grid_size=8", "task.steps=6", "task.solver_steps=4", "task.eval.n_reference=2000",
         "task.figure.resolution=16", "task.progress_bar=false", "logger=none"]

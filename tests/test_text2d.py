@@ -15,16 +15,16 @@ import pytest  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from experiments.run import run  # noqa: E402
-from tests.tiny_sd import build_tiny_shapes_prior  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = '["a red circle","a blue square"]'
 
 
-@pytest.fixture(scope="module")
-def tiny_pixel_prior(tmp_path_factory):
-    """A tiny random 32 px pixel prior beside an untrained ShapesWorld classifier (the plumbing, not the numbers)."""
-    return build_tiny_shapes_prior(tmp_path_factory.mktemp("prior"))[0]
+@pytest.fixture
+def tiny_pixel_prior(tiny_shapes_prior):
+    """A tiny random 32 px pixel prior beside an untrained ShapesWorld classifier (the plumbing, not the numbers;
+    built once per session in tests/conftest.py)."""
+    return tiny_shapes_prior[0]
 
 
 def compose_config(prior: Path, cache: Path, *overrides: str):
@@ -92,6 +92,7 @@ def test_bad_text2d_config_fails_before_writing(tiny_pixel_prior, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow  # a CLI process (the Hugging Face cache location is read at import)
 def test_sd21_preset_without_weights_fails_at_once(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty_cache"), "WANDB_MODE": "disabled"}
     result = subprocess.run([sys.executable, "-m", "experiments.run", "experiment=table4", "guidance=t2d_msd",
