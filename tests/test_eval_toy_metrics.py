@@ -44,12 +44,6 @@ def fresh_log_prob(fresh_samples):
     return fractal_gmm("A").log_prob(fresh_samples.double(), 0.0)
 
 
-def test_nll_is_the_mean_negative_log_density(fresh_metrics, fresh_log_prob):
-    log_p, metrics = fresh_log_prob, fresh_metrics
-    assert metrics["nll"] == pytest.approx(float(-log_p.mean()), rel=1e-12)
-    assert metrics["nll_median"] == pytest.approx(float(-log_p.median()), rel=1e-12)
-
-
 def test_nll_of_exact_samples_matches_the_entropy_estimate(evaluator, fresh_metrics, fresh_log_prob):
     """Both are Monte-Carlo estimates of H(p) = E_p[−log p]; they agree within their standard errors."""
     stderr = float(fresh_log_prob.std()) * math.sqrt(1 / len(fresh_log_prob) + 1 / N_REFERENCE)

@@ -53,20 +53,6 @@ def test_fourier_images_are_independent_networks():
             assert torch.all(others == 0) and parameter.grad[i].abs().sum() > 0
 
 
-def test_fourier_mlp_matches_a_per_image_reference():
-    """Image b is the plain MLP of network b at the pixel centres ((k + 0.5)/n·2 − 1, row-major (y, x))."""
-    mlp = small_mlp(output="tanh")
-    b = 2
-    ys, xs = [(torch.arange(n) + 0.5) / n * 2 - 1 for n in (6, 10)]
-    p = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), -1).reshape(-1, 2)
-    phase = 2 * torch.pi * p @ mlp.frequencies[b].T
-    h = torch.cat([phase.sin(), phase.cos()], -1)
-    h = torch.relu(h @ mlp.weights[0][b] + mlp.biases[0][b])
-    h = torch.relu(h @ mlp.weights[1][b] + mlp.biases[1][b])
-    h = torch.tanh(h @ mlp.weights[2][b] + mlp.biases[2][b])
-    assert torch.allclose(mlp()[b], h.T.reshape(4, 6, 10), atol=1e-6)
-
-
 @pytest.mark.parametrize("kwargs,field", [
     ({"batch": 0}, "generator.batch"), ({"height": 0}, "generator.height"),
     ({"output": "relu"}, "generator.output"), ({"num_frequencies": 0}, "generator.num_frequencies"),

@@ -53,7 +53,6 @@ def test_weightings_in_ve_terms():
     sigma = torch.tensor([0.1, 1.0, 3.0])
     alpha_bar = vp_alpha_bar(sigma)
     assert torch.allclose(distillation_weight(sigma, "sds"), 1 - alpha_bar)
-    assert torch.allclose(distillation_weight(sigma, "fantasia3d"), alpha_bar.sqrt() * (1 - alpha_bar))
     assert torch.equal(distillation_weight(sigma, "uniform"), torch.ones(3))
     with pytest.raises(ValueError, match="weighting must be one of"):
         distillation_weight(sigma, "dreamfusion")

@@ -4,7 +4,7 @@ import torch
 
 import toy2d.denoisers as denoisers
 from msd.denoiser import Denoiser
-from toy2d import ExactDenoiser, MLPDenoiser, fractal_gmm, load_denoiser
+from toy2d import ExactDenoiser, GaussianMixture, MLPDenoiser, fractal_gmm, load_denoiser
 from toy2d.denoisers import score_matching_loss, train_mlp_denoiser
 
 
@@ -12,18 +12,21 @@ def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def test_exact_denoiser():
-    mix = fractal_gmm("A")
-    den = ExactDenoiser(mix)
-    assert isinstance(den, Denoiser) and den.mixture is mix
-    sigma = torch.exp(torch.linspace(-5.0, 1.0, 64))
-    x = mix.sample(64, sigma, generator=_gen())
-    torch.testing.assert_close(den.denoise(x, sigma), x + sigma[:, None] ** 2 * mix.score(x, sigma))
-    torch.testing.assert_close(den.eps(x, sigma), -sigma[:, None] * mix.score(x, sigma))
-    assert torch.equal(den.eps(x, torch.zeros(64)), torch.zeros(64, 2))
-    torch.testing.assert_close(den.product_mean(x, 0.3), mix.product_mean(x, 0.3))
-    torch.testing.assert_close(den.product_sample(x, 0.3, generator=_gen(1), n_per_center=2),
-                               mix.product_sample(x, 0.3, generator=_gen(1), n_per_center=2))
+def test_exact_denoiser_of_one_gaussian_is_the_closed_form():
+    """p = N(μ, s²I): ε̂(x, σ) = σ (x − μ)/(s² + σ²) and Tweedie's D(x, σ) = μ + (x − μ) s²/(s² + σ²); on the fractal
+    mixture ε̂ is exactly 0 at σ = 0."""
+    mean, var = torch.tensor([0.3, -0.2], dtype=torch.float64), 0.16
+    den = ExactDenoiser(GaussianMixture(torch.ones(1, dtype=torch.float64), mean[None],
+                                        var * torch.eye(2, dtype=torch.float64)[None]))
+    assert isinstance(den, Denoiser)
+    sigma = torch.exp(torch.linspace(-5.0, 1.0, 64, dtype=torch.float64))
+    x = mean + (var + sigma[:, None] ** 2).sqrt() * torch.randn(64, 2, generator=_gen(), dtype=torch.float64)
+    shrink = (var + sigma[:, None] ** 2)
+    torch.testing.assert_close(den.eps(x, sigma), sigma[:, None] * (x - mean) / shrink, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(den.denoise(x, sigma), mean + (x - mean) * var / shrink, rtol=1e-9, atol=1e-12)
+    fractal = ExactDenoiser(fractal_gmm("A"))
+    x = fractal_gmm("A").sample(64, generator=_gen(1))
+    assert torch.equal(fractal.eps(x, torch.zeros(64)), torch.zeros(64, 2))
 
 
 @pytest.mark.parametrize("sigma", [0.0, 0.01, 0.5, 3.0, "per_sample"])
@@ -36,7 +39,7 @@ def test_mlp_at_init_is_the_gaussian(sigma):
     with torch.no_grad():
         score, eps = net.score(x, sigma), net.eps(x, sig)
     torch.testing.assert_close(score, -x / (0.25 + sig[:, None] ** 2), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(eps, -sig[:, None] * score)
+    torch.testing.assert_close(eps, sig[:, None] * x / (0.25 + sig[:, None] ** 2), rtol=1e-6, atol=1e-6)
     assert not score.requires_grad and torch.isfinite(score).all()
 
 
