@@ -23,6 +23,9 @@ venv: .venv/.installed
 # reproduce-script process, a Hydra multirun, the dashboards' real offline runs. make test runs the rest (every
 # library test, in-process runs of each task and guidance, the resume-is-bitwise checks); make test-slow only the
 # slow ones; make test-full all of them in one pytest. .ci/run: make test, then make test-slow (each test once).
+# Measured on the 2-core CPU machine while two other jobs loaded it (load average ~4), wall / user+sys CPU:
+# make test 2 min 41 s / 154 s (624 tests); make test-slow 3 min 31 s / 199 s (17 tests). The CPU seconds are about
+# the wall time on a quiet machine (the tests run on one thread). Before the split: all 643 in 6 min 37 s / 358 s.
 PYTEST := WANDB_MODE=disabled $(PY) -m pytest -q
 test: venv
 	$(PYTEST) -m "not slow" tests
