@@ -35,6 +35,7 @@ from diffusers import DDIMScheduler
 from PIL import Image
 from torch import Tensor, nn
 
+from experiments.shapes_files import save_classifier, save_prior
 from shapes.metrics import mode_alignment_distance, prompt_accuracy
 from shapes.models import (
     ShapesClassifier,
@@ -43,7 +44,6 @@ from shapes.models import (
     build_unet,
     count_parameters,
     load_prior,
-    save_prior,
 )
 from shapes.tokenizer import build_tokenizer
 from shapes.world import COLOURS, PROMPTS, SHAPES, render, sample_params, sample_world
@@ -258,7 +258,7 @@ def main(argv=None) -> None:
     prior_mb = sum(f.stat().st_size for f in prior_dir.rglob("*") if f.is_file()) / 2**20
 
     classifier, classifier_seconds = train_classifier(args, generator)
-    replace_dir(classifier.save, args.out / "classifier")
+    replace_dir(lambda tmp: save_classifier(classifier, tmp), args.out / "classifier")
     eval_generator = torch.Generator().manual_seed(args.seed + 1)
     renders, world = sample_world(1200, eval_generator, resolution=args.resolution)
     with torch.no_grad():

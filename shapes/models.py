@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -108,16 +108,9 @@ class ShapesClassifier(nn.Module):
         shape_logits, colour_logits = self(images)
         return shape_logits.argmax(1) * len(COLOURS) + colour_logits.argmax(1)
 
-    def save(self, directory: str | Path) -> None:
-        """Write ``model.safetensors`` and ``config.json`` into ``directory``."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, directory / "model.safetensors")
-        (directory / "config.json").write_text(json.dumps(self.config, indent=1) + "\n")
-
     @classmethod
     def load(cls, directory: str | Path) -> "ShapesClassifier":
-        """Inverse of :meth:`save`; the model is returned in eval mode."""
+        """A classifier written by ``experiments.shapes_files.save_classifier``, in eval mode."""
         directory = Path(directory)
         if not (directory / "model.safetensors").is_file():
             raise FileNotFoundError(f"no classifier at {directory}; train it with `python -m experiments.train_shapes`")
@@ -134,36 +127,9 @@ def count_parameters(module: nn.Module) -> int:
 
 
 
-PRIOR_COMPONENTS = {
-    "unet": ["diffusers", "UNet2DConditionModel"],
-    "text_encoder": ["transformers", "CLIPTextModel"],
-    "tokenizer": ["transformers", "CLIPTokenizer"],
-    "scheduler": ["diffusers", "DDPMScheduler"],
-}
-
-
-def save_prior(directory: str | Path, unet: UNet2DConditionModel, text_encoder: CLIPTextModel,
-               tokenizer: CLIPTokenizer, scheduler: DDPMScheduler) -> None:
-    """Write a diffusers pipeline directory: one ``save_pretrained`` subfolder per component (safetensors)
-    and a ``model_index.json`` in Stable Diffusion's layout with ``vae: [null, null]`` (pixel space).
-
-    Load it with :func:`load_prior`, or as ``StableDiffusionPipeline.from_pretrained(directory, vae=None,
-    safety_checker=None, feature_extractor=None, image_encoder=None)`` (diffusers 0.42 insists that the
-    null components be passed explicitly); ``pipe.vae is None`` marks a pixel-space prior.
-    """
-    import diffusers
-
-    directory = Path(directory)
-    for name, component in dict(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler).items():
-        component.save_pretrained(directory / name)
-    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
-             **PRIOR_COMPONENTS, "vae": [None, None], "safety_checker": [None, None],
-             "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False}
-    (directory / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-
 def load_prior(directory: str | Path) -> tuple[UNet2DConditionModel, CLIPTextModel, CLIPTokenizer, DDPMScheduler]:
-    """(unet, text_encoder, tokenizer, scheduler) from a :func:`save_prior` directory, models in eval mode."""
+    """(unet, text_encoder, tokenizer, scheduler) from a prior directory written by
+    ``experiments.shapes_files.save_prior``, models in eval mode."""
     directory = Path(directory)
     if not (directory / "model_index.json").is_file():
         raise FileNotFoundError(f"no ShapesWorld prior at {directory}; train it with `make shapes-prior` "

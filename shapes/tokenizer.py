@@ -12,7 +12,6 @@ a hub id offline silently returns an empty tokenizer. :func:`build_tokenizer` ch
 """
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -73,17 +72,6 @@ def vocab_and_merges(words: tuple[str, ...] = WORDS) -> tuple[dict[str, int], li
     for token in tokens:
         vocab.setdefault(token, len(vocab))
     return vocab, merges
-
-
-def write_tokenizer_files(directory: str | Path, words: tuple[str, ...] = WORDS) -> tuple[Path, Path]:
-    """Write ``vocab.json`` and ``merges.txt`` (with CLIP's version header) into ``directory``."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    vocab, merges = vocab_and_merges(words)
-    vocab_path, merges_path = directory / "vocab.json", directory / "merges.txt"
-    vocab_path.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    merges_path.write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
-    return vocab_path, merges_path
 
 
 def build_tokenizer(words: tuple[str, ...] = WORDS, max_length: int = MAX_LENGTH) -> CLIPTokenizer:

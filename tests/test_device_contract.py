@@ -18,7 +18,7 @@ init (``torch.randint``/``torch.randn`` without a device, ``torch.Generator()``)
 contract is checked on what a CPU run does show: a draw without a generator, without a device (the default
 device, the CPU), or with a device given as a literal string (a hard-coded ``"cpu"`` rather than a device taken from
 a tensor, a generator or the prior) is a violation. :func:`test_the_contract_flags_the_old_timestep_draw` replays
-the old ``TimestepSampler.t`` and checks that the contract reports it for SDS, SDI and VSD; ``eval/cuda_smoke.py``
+the old ``TimestepSampler.t`` and checks that the contract reports it for SDS, SDI and VSD; ``tests/cuda_smoke.py``
 runs the same guidances on a GPU with one CUDA generator. Its real-loop cases found one more global-RNG user, now
 fixed: ``ShapesClassifier.load`` built its layers with PyTorch's default initialisation before loading the weights
 (:func:`test_loading_the_shapes_classifier_draws_nothing`).
@@ -516,7 +516,7 @@ def tiny_pixel_prior(tiny_shapes_prior):
 
 def test_loading_the_shapes_classifier_draws_nothing(tiny_pixel_prior):
     """The text-to-2D scorer loads ShapesWorld's classifier every run: it used to build its layers with PyTorch's
-    default initialisation (global RNG) before loading the weights over them (found by eval/cuda_smoke.py's loop)."""
+    default initialisation (global RNG) before loading the weights over them (found by tests/cuda_smoke.py's loop)."""
     from safetensors.torch import load_file
 
     from shapes.models import ShapesClassifier

@@ -6,10 +6,11 @@ import math
 import pytest
 import torch
 
+from experiments.shapes_files import write_tokenizer_files
 from shapes import CLASSIFIER_DIR, COLOURS, PRIOR_DIR, PROMPTS, SHAPES, caption, parse_caption, prompt_id
 from shapes.metrics import mode_alignment_distance, prompt_accuracy
 from shapes.models import ShapesClassifier, load_prior
-from shapes.tokenizer import BOS, EOS, build_tokenizer, load_tokenizer_files, write_tokenizer_files
+from shapes.tokenizer import BOS, EOS, build_tokenizer, load_tokenizer_files
 from shapes.world import COLOUR_RGB, SIZE_RANGE, render, sample_world
 
 # The committed classifier scored 1.0 on 1200 fresh renders (seed 1, results/shapes/prior_check.json

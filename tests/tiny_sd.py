@@ -80,9 +80,10 @@ def build_tiny_shapes_prior(root: Path) -> tuple[Path, Path]:
     """A tiny random 32 px pixel prior (``root/pipeline``) and an untrained ShapesWorld classifier
     (``root/classifier``): the text-to-2D plumbing on ShapesWorld without the committed models' numbers.
     Returns (prior directory, classifier directory)."""
+    from experiments.shapes_files import save_classifier
     from shapes.models import ShapesClassifier
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        ShapesClassifier(channels=(4, 8), feature_dim=8).save(root / "classifier")
+        save_classifier(ShapesClassifier(channels=(4, 8), feature_dim=8), root / "classifier")
     return build_tiny_prior(root / "pipeline", latent=False, sample_size=32), root / "classifier"

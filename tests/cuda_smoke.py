@@ -2,8 +2,8 @@
 
 Run it on a machine with a GPU, from the repository root (about a minute; nothing is downloaded):
 
-    python -m eval.cuda_smoke                 # device cuda, priors in float16
-    python -m eval.cuda_smoke --device cpu    # the same cases on the CPU in float32 (checks the script itself)
+    python -m tests.cuda_smoke                 # device cuda, priors in float16
+    python -m tests.cuda_smoke --device cpu    # the same cases on the CPU in float32 (checks the script itself)
 
 It writes its log, atomically (``experiments.io``), to ``results/bench/cuda_smoke.log`` (a ``--device cpu`` run to
 ``results/bench/cuda_smoke.cpu.log``, so that it is never taken for the GPU log; ``--log PATH`` to choose) and exits
@@ -235,7 +235,7 @@ def header(device: torch.device, dtype: str) -> list[str]:
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    return [f"# eval.cuda_smoke on {device} ({name}), priors in {dtype}; {time.strftime('%Y-%m-%d %H:%M:%S')}",
+    return [f"# tests.cuda_smoke on {device} ({name}), priors in {dtype}; {time.strftime('%Y-%m-%d %H:%M:%S')}",
             f"# torch {torch.__version__}, python {platform.python_version()}, commit {commit}; "
             f"{STEPS} steps per case, CFG w = {SCALE:g}, one torch.Generator({device.type!r})"]
 
