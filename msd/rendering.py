@@ -220,13 +220,16 @@ def stratified_samples(near: Tensor, far: Tensor, n_samples: int,
 @dataclass(frozen=True)
 class RenderOutput:
     """rgb [B, N, 3] (the field's colours composited on the background), opacity [B, N], depth [B, N]
-    (normalised by opacity), and per sample: weights [B, N, S] and interval midpoints t_mid [B, N, S]."""
+    (normalised by opacity), and per sample: weights [B, N, S], interval midpoints t_mid [B, N, S] and the points
+    where the field was evaluated, points [B, N, S, 3] (what per-sample regularisers such as the orientation loss
+    of msd/fields.py evaluate normals at)."""
 
     rgb: Tensor
     opacity: Tensor
     depth: Tensor
     weights: Tensor
     t_mid: Tensor
+    points: Tensor
 
     def images(self, height: int, width: int) -> tuple[Tensor, Tensor, Tensor]:
         """(rgb [B, 3, H, W], opacity [B, 1, H, W], depth [B, 1, H, W]) of rays laid out by :func:`camera_rays`."""
@@ -279,7 +282,7 @@ def render_rays(field: RadianceField, rays: Rays, n_samples: int, near: Tensor |
         rgb_sigma_fn=rgb_sigma_fn, render_bkgd=background.reshape(-1, 3))
     return RenderOutput(rgb=rgb.reshape(batch, n_rays, 3), opacity=opacity.reshape(batch, n_rays),
                         depth=depth.reshape(batch, n_rays), weights=extras["weights"].reshape(batch, n_rays, n_samples),
-                        t_mid=0.5 * (samples.t_starts + samples.t_ends))
+                        t_mid=0.5 * (samples.t_starts + samples.t_ends), points=points)
 
 
 def render_cameras(field: RadianceField, cameras: Cameras, n_samples: int, scene_radius: float,
