@@ -53,13 +53,15 @@ class PriorPreset:
     description: str
     repo_ids: tuple[str, ...] = ()
     local_dir: str | None = None
+    train_command: str = "python -m experiments.train_shapes"
+    """How this repository trains a ``local_dir`` prior (named in the not-found message)."""
 
     def candidates(self) -> list[str]:
         return [str(REPO_ROOT / self.local_dir)] if self.local_dir else list(self.repo_ids)
 
     def how_to_get(self, local_dir: str = "DIR") -> str:
         if self.local_dir:
-            return (f"This repository trains it into {self.local_dir}/ (`python -m experiments.train_shapes`); "
+            return (f"This repository trains it into {self.local_dir}/ (`{self.train_command}`); "
                     f"train it first or pass prior.path=<dir> to a copy.")
         return (f"Download it once, on a machine with network access:\n    {download_command(self.repo_ids[0])}\n"
                 f"then run with HF_HUB_CACHE (or HF_HOME) pointing at that cache, or add `--local-dir {local_dir}` "
@@ -75,6 +77,9 @@ PRESETS: dict[str, PriorPreset] = {
                                                           "runwayml/stable-diffusion-v1-5")),
     # The ShapesWorld pixel-space prior this repository trains (no VAE).
     "shapes": PriorPreset("ShapesWorld pixel-space prior", local_dir="shapes/prior"),
+    # The ShapesWorld-3D pixel-space prior (view-suffixed captions, Janus probes; docs/design.md §10).
+    "shapes3d": PriorPreset("ShapesWorld-3D pixel-space prior", local_dir="shapes/prior3d",
+                            train_command="python -m experiments.train_shapes3d"),
 }
 
 
