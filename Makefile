@@ -8,7 +8,7 @@ export WANDB_MODE ?= offline
 export PYTHONHASHSEED := 0
 
 .PHONY: venv test test-slow test-full test-slurm reproduce reproduce-toy2d reproduce-toy2d-datasets \
-	reproduce-toy2d-studies reproduce-table4 reproduce-table4-quick reproduce-text2d-studies toy2d-weights shapes-prior bench sweep-bandwidth sweep-guidance dashboards clean
+	reproduce-toy2d-studies reproduce-table4 reproduce-table4-quick reproduce-text2d-studies toy2d-weights shapes-prior shapes3d-prior bench sweep-bandwidth sweep-guidance dashboards clean
 PRIOR ?= sd21
 
 venv: .venv/.installed
@@ -74,6 +74,13 @@ reproduce-table4-quick: venv
 
 shapes-prior: venv
 	$(PY) -m experiments.train_shapes --iterations 1800
+
+# The ShapesWorld-3D prior and classifier (shapes/prior3d/, shapes/classifier3d/, results/shapes3d/), one thread.
+# Planned from two 20-iteration runs on the loaded 2-core machine (0.78-1.02 s per prior iteration, 0.06-0.07 s per
+# classifier iteration, 15-22 ms per render): 8192 renders ~3 min + 1300 prior iterations ~17-22 min + 3000 classifier
+# iterations ~3.5 min = 22-29 min of training, ~3.5 min more for the check (held-out renders, turntables, DDIM samples)
+shapes3d-prior: venv
+	$(PY) -m experiments.train_shapes3d --iterations 1300 --pool 8192 --classifier-iterations 3000
 
 bench: venv
 	$(PY) -m eval.bench_gmm
