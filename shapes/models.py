@@ -68,14 +68,12 @@ def build_scheduler() -> DDPMScheduler:
     return DDPMScheduler(**scheduler_config())
 
 
-class ShapesClassifier(nn.Module):
-    """Small CNN on [B, 3, R, R] images in [-1, 1] with two heads: shape (3-way) and colour (4-way).
+class ConvClassifier(nn.Module):
+    """The ShapesWorld classifiers' trunk on [B, 3, R, R] images in [−1, 1]: ``channels`` conv stages (two 3×3
+    convs + SiLU, then 2× average pooling), global average pooling, a linear layer to ``feature_dim`` + SiLU (the
+    penultimate features, the FID embedding). Subclasses add their heads."""
 
-    ``channels`` conv stages (two 3×3 convs + SiLU, then 2× average pooling), global average pooling,
-    a linear layer to ``feature_dim`` + SiLU (the penultimate features used for FID), then the heads.
-    """
-
-    def __init__(self, channels: tuple[int, ...] = (32, 64, 128), feature_dim: int = 128):
+    def __init__(self, channels: tuple[int, ...], feature_dim: int):
         super().__init__()
         self.config = dict(channels=list(channels), feature_dim=feature_dim)
         stages, previous = [], 3
@@ -85,8 +83,6 @@ class ShapesClassifier(nn.Module):
             previous = width
         self.trunk = nn.Sequential(*stages, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                                    nn.Linear(previous, feature_dim), nn.SiLU())
-        self.shape_head = nn.Linear(feature_dim, len(SHAPES))
-        self.colour_head = nn.Linear(feature_dim, len(COLOURS))
 
     @property
     def num_features(self) -> int:
@@ -97,6 +93,19 @@ class ShapesClassifier(nn.Module):
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be [B, 3, H, W] in [-1, 1], got {tuple(images.shape)}")
         return self.trunk(images)
+
+
+class ShapesClassifier(ConvClassifier):
+    """Small CNN on [B, 3, R, R] images in [-1, 1] with two heads: shape (3-way) and colour (4-way).
+
+    ``channels`` conv stages (two 3×3 convs + SiLU, then 2× average pooling), global average pooling,
+    a linear layer to ``feature_dim`` + SiLU (the penultimate features used for FID), then the heads.
+    """
+
+    def __init__(self, channels: tuple[int, ...] = (32, 64, 128), feature_dim: int = 128):
+        super().__init__(channels, feature_dim)
+        self.shape_head = nn.Linear(feature_dim, len(SHAPES))
+        self.colour_head = nn.Linear(feature_dim, len(COLOURS))
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """(shape logits [B, 3], colour logits [B, 4])."""

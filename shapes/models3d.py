@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from transformers import CLIPTokenizer
 
 from msd.rendering import VIEWS
+from shapes.models import ConvClassifier
 from shapes.tokenizer import build_tokenizer
 from shapes.world import COLOURS
 from shapes.world3d import NO_FRONT, PRIMITIVES
@@ -59,10 +60,10 @@ HEADS = dict(shape=len(PRIMITIVES), colour=len(COLOURS), view=len(VIEWS), front=
 (:data:`msd.rendering.VIEWS`), front colour (:data:`FRONT_CLASSES`)."""
 
 
-class ShapesClassifier3D(nn.Module):
+class ShapesClassifier3D(ConvClassifier):
     """Small CNN on renders [B, 3, R, R] in [−1, 1] with four heads (:data:`HEADS`).
 
-    The trunk is :class:`shapes.models.ShapesClassifier`'s: ``channels`` conv stages (two 3×3 convs + SiLU, then 2×
+    The trunk is :class:`shapes.models.ConvClassifier`: ``channels`` conv stages (two 3×3 convs + SiLU, then 2×
     average pooling), global average pooling, a linear layer to ``feature_dim`` + SiLU (the penultimate features,
     the FID embedding), then one linear head per output.
 
@@ -73,29 +74,12 @@ class ShapesClassifier3D(nn.Module):
     """
 
     def __init__(self, channels: tuple[int, ...] = (16, 32, 64), feature_dim: int = 128):
-        super().__init__()
-        self.config = dict(channels=list(channels), feature_dim=feature_dim, heads=dict(HEADS))
-        stages, previous = [], 3
-        for width in channels:
-            stages += [nn.Conv2d(previous, width, 3, padding=1), nn.SiLU(),
-                       nn.Conv2d(width, width, 3, padding=1), nn.SiLU(), nn.AvgPool2d(2)]
-            previous = width
-        self.trunk = nn.Sequential(*stages, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                   nn.Linear(previous, feature_dim), nn.SiLU())
+        super().__init__(channels, feature_dim)
+        self.config["heads"] = dict(HEADS)
         self.shape_head = nn.Linear(feature_dim, HEADS["shape"])
         self.colour_head = nn.Linear(feature_dim, HEADS["colour"])
         self.view_head = nn.Linear(feature_dim, HEADS["view"])
         self.front_head = nn.Linear(feature_dim, HEADS["front"])
-
-    @property
-    def num_features(self) -> int:
-        return self.config["feature_dim"]
-
-    def features(self, images: Tensor) -> Tensor:
-        """Penultimate features [B, feature_dim] (the FID embedding)."""
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be [B, 3, H, W] in [-1, 1], got {tuple(images.shape)}")
-        return self.trunk(images)
 
     def forward(self, images: Tensor) -> Logits3D:
         """Logits of the four heads: shape [B, 4], colour [B, 4], view [B, 4], front [B, 5]."""
