@@ -16,7 +16,10 @@ venv: .venv/.installed
 .venv/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[slurm,dev]"
+	# A download that fails its index hash (a truncated or corrupted transfer; CI saw one) is retried without pip's cache.
+	for attempt in 1 2 3; do $(PY) -m pip install --quiet $$( [ $$attempt -gt 1 ] && echo --no-cache-dir ) \
+	    -e ".[slurm,dev]" && break; [ $$attempt -lt 3 ] || exit 1; echo "pip install failed; retry $$attempt/2"; \
+	    sleep 10; done
 	touch $@
 
 # Tests (tests/, CPU, offline). `slow` (pyproject.toml) marks the heavy end-to-end tests: a CLI, worker or
