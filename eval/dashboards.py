@@ -12,8 +12,10 @@ Runs are selected by the metadata every run sets (``experiments.loggers``, ``eva
 paper preset, ``sweep/<name>`` or the study's experiment), job type (the method, or the study) and
 ``key:value`` tags. Dashboards: ``toy2d`` (the scatter grid and metric curves per setting, the grid
 summary), ``toy2d_studies`` (loss landscapes, gradient quality), ``table4_shapes`` / ``table4_sd21``
-(FID vs iteration and vs UNet evaluations, final images, the summary) and ``sweep_<name>`` for every sweep
-preset in conf/sweep/ (heatmaps of the task's objective over each pair of swept keys).
+(FID vs iteration and vs UNet evaluations, final images, the summary), ``text3d_shapes`` (silhouette IoU, prompt
+accuracy and opaque volumetric IoU vs iteration, silhouette IoU vs UNet evaluations, each run's turntable video, mesh
+and multi-view figure, the summary) and ``sweep_<name>`` for every sweep preset in conf/sweep/ (heatmaps of the
+task's objective over each pair of swept keys).
 """
 from __future__ import annotations
 
@@ -39,6 +41,12 @@ from msd.paths import REPO_ROOT
 DEFAULT_SPEC = REPO_ROOT / "results" / "dashboards" / "spec.json"
 PANEL_KINDS = ("line", "media", "table", "heatmap")
 STEP = "_step"
+TEXT3D_METHODS = ("sds", "vsd", "sdi", "msd", "msd_stable")
+"""The text-to-3D methods by their job type (``experiments.builders.method_label`` of guidance t3d_<method>)."""
+TEXT3D_CURVES = ("silhouette_iou", "prompt_accuracy", "volumetric_iou_opaque")
+"""The per-iteration scalars of a text-to-3D run plotted against the iteration."""
+TEXT3D_SUMMARY_GROUP = "text3d"
+"""The group of the text-to-3D protocol's summary run (job type ``text3d``), as ``table4`` is Table 4's."""
 
 
 @dataclass(frozen=True)
@@ -62,8 +70,9 @@ class RunFilter:
 
 @dataclass(frozen=True)
 class Panel:
-    """``line``: ``keys`` against ``x`` (a logged key or ``_step``); ``media``: the images ``keys``; ``table``:
-    the tables ``keys``; ``heatmap``: the final value of ``keys[0]`` over the config keys ``x`` and ``y``."""
+    """``line``: ``keys`` against ``x`` (a logged key or ``_step``); ``media``: the media ``keys`` (images, videos,
+    3-D objects: W&B's media panel shows each kind); ``table``: the tables ``keys``; ``heatmap``: the final value of
+    ``keys[0]`` over the config keys ``x`` and ``y``."""
 
     kind: str
     title: str
@@ -143,6 +152,23 @@ def table4_dashboard(prior: str, group: str) -> Dashboard:
                      (Section("Runs", runs, panels), Section("Summary", summary, summary_panels)))
 
 
+def text3d_dashboard(prior: str = "shapes3d", group: str = "text3d_shapes") -> Dashboard:
+    """Text-to-3D on ``prior`` (runs of the paper preset ``group``): the geometry and accuracy curves vs iteration,
+    silhouette IoU vs compute, each run's turntable, mesh and multi-view figure; the protocol's summary."""
+    runs = RunFilter(group, TEXT3D_METHODS, ("task:text3d", f"prior:{prior}"))
+    panels = (*curves(TEXT3D_CURVES, STEP, "iteration"),
+              Panel("line", "silhouette_iou vs UNet evaluations", ("silhouette_iou",), x="unet_evals"),
+              Panel("media", "turntable", ("turntable",)), Panel("media", "mesh", ("mesh",)),
+              Panel("media", "multi-view", ("multiview",)))
+    summary = RunFilter(TEXT3D_SUMMARY_GROUP, ("text3d",), (STUDY_TAG, "task:text3d", f"prior:{prior}"))
+    summary_panels = (Panel("media", "multi-view grid", ("multiview_grid",)),
+                      Panel("table", "text-to-3D", ("text3d", "text3d_curves")))
+    return Dashboard(group, f"Text-to-3D on {prior}: geometry and prompt accuracy vs iterations",
+                     f"The text-to-3D protocol on {prior}: every method's run (turntables, meshes, multi-view "
+                     f"figures) and the summary.", (Section("Runs", runs, panels), Section("Summary", summary,
+                                                                                           summary_panels)))
+
+
 def sweep_presets(conf_dir: Path) -> list[str]:
     return sorted(p.stem for p in (conf_dir / "sweep").glob("*.yaml") if not p.stem.startswith("_"))
 
@@ -164,7 +190,8 @@ def sweep_dashboard(conf_dir: Path, name: str) -> Dashboard:
 
 def dashboards(conf_dir: Path = REPO_ROOT / "conf") -> list[Dashboard]:
     return [toy2d_dashboard(), toy2d_studies_dashboard(), table4_dashboard("shapes", "table4_shapes"),
-            table4_dashboard("sd21", "table4"), *(sweep_dashboard(conf_dir, s) for s in sweep_presets(conf_dir))]
+            table4_dashboard("sd21", "table4"), text3d_dashboard(),
+            *(sweep_dashboard(conf_dir, s) for s in sweep_presets(conf_dir))]
 
 
 # --- wandb-workspaces ------------------------------------------------------------------------------------------

@@ -7,7 +7,9 @@ Every W&B run carries the metadata the dashboards (``eval.dashboards``) select r
 ``sweep/<name>``, else the paper preset such as ``toy2d`` or ``table4_shapes``, else the task), its job type
 (the method: ``ddim``, ``sds``, ``vsd``, ``sdi``, ``msd``, ``msd_tweedie``, ``msd_ode``, ``msd_stable``, ``msd_exact``) and ``key:value``
 tags (``task:``, ``denoiser:`` or ``prior:``, ``guide:``, and ``sweep:`` in a sweep). conf/logger/wandb.yaml
-spells them with the resolvers registered here. A run directory keeps its W&B run id in ``wandb/run_id``: the
+spells them with the resolvers registered here. Besides scalars, figures and tables a run may log media files: an mp4
+video (``log_video``, a turntable) and a 3-D object (``log_object3d``, a ``.glb`` mesh), which W&B copies into the
+run's ``files/media/videos`` and ``files/media/object3D``. A run directory keeps its W&B run id in ``wandb/run_id``: the
 same command in the same run directory (a resumed run) continues that W&B run.
 """
 from __future__ import annotations
@@ -76,6 +78,12 @@ class RunLogger(ABC):
     @abstractmethod
     def log_table(self, name: str, rows: list[dict]) -> None:
         """A table of rows sharing the same keys (e.g. the final metrics)."""
+
+    def log_video(self, name: str, path: Path, step: int | None = None) -> None:
+        """An mp4 file (``experiments.exports.write_mp4``, e.g. a turntable); by default not logged."""
+
+    def log_object3d(self, name: str, path: Path, step: int | None = None) -> None:
+        """A 3-D object file, ``.glb`` (``experiments.exports.write_mesh``); by default not logged."""
 
     def finish(self) -> None:
         """Flush and close."""
@@ -148,6 +156,14 @@ class WandbLogger(RunLogger):
         columns = list(rows[0]) if rows else []
         table = self._wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in rows])
         self.run.log({name: table})
+
+    def log_video(self, name: str, path: Path, step: int | None = None) -> None:
+        # From the file: W&B copies it into the run's media/videos as it is (moviepy is needed only for arrays).
+        self.run.log({name: self._wandb.Video(str(path), format="mp4")}, step=step)
+
+    def log_object3d(self, name: str, path: Path, step: int | None = None) -> None:
+        # From the file: W&B copies it into the run's media/object3D (the type from its suffix: glb, gltf, obj, ...).
+        self.run.log({name: self._wandb.Object3D.from_file(str(path))}, step=step)
 
     def finish(self) -> None:
         self.run.finish()
