@@ -20,6 +20,15 @@ S equal intervals ``[t_k, t_{k+1}]``; the field is evaluated once per interval a
 (1 − A) c_bg``, opacity ``A = Σ w_k = 1 − exp(−Σ σ_k δ_k)``, depth ``Σ w_k (t_k + t_{k+1})/2 / max(A, eps)``
 (nerfacc's normalised depth; 0 where nothing is hit). Differentiable in σ and c (not in t).
 
+**Layouts** (:func:`rendering_layout`). ``"dense"`` (above) on every device; ``"packed"`` on CUDA when an
+occupancy grid (:class:`msd.occupancy.OccupancyGrid`, nerfacc's ``OccGridEstimator``) is passed: the grid marches
+each ray at a fixed step through its occupied cells only, and the samples come as one flat list with the index of
+their ray (``ray_indices``, sorted), composited by nerfacc's packed ``rendering`` (the same quadrature, the field
+evaluated at interval midpoints). nerfacc's packed scans (``pack_info``, ``exclusive_sum``) and its traversal need
+its CUDA extension, so the packed layout exists on CUDA only; a CPU render never loads that extension. The field is
+still called with ``[B, M, 3]`` points: :func:`group_by_view` puts view b's samples (rays b·N … b·N + N − 1) in row
+b, padded to the longest row, so per-view lights and per-view scenes keep their meaning.
+
 **Camera distribution** (:class:`CameraDistribution`): threestudio's ``RandomCameraDataModuleConfig`` defaults
 and its prompt processor's view thresholds, in one place; :func:`sample_cameras` draws as its
 ``RandomCameraIterableDataset.collate`` does, :func:`view_indices` / :func:`view_prompts` label views as its
@@ -31,7 +40,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import nerfacc
 import torch
@@ -39,6 +48,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from msd.checks import require
+
+if TYPE_CHECKING:
+    from msd.occupancy import OccupancyGrid
 
 # --- radiance fields -------------------------------------------------------------------------------------------
 
@@ -220,9 +232,15 @@ def stratified_samples(near: Tensor, far: Tensor, n_samples: int,
 @dataclass(frozen=True)
 class RenderOutput:
     """rgb [B, N, 3] (the field's colours composited on the background), opacity [B, N], depth [B, N]
-    (normalised by opacity), and per sample: weights [B, N, S], interval midpoints t_mid [B, N, S] and the points
-    where the field was evaluated, points [B, N, S, 3] (what per-sample regularisers such as the orientation loss
-    of msd/fields.py evaluate normals at)."""
+    (normalised by opacity), and per sample the rendering weights, the interval midpoints t_mid and the points
+    where the field was evaluated (what per-sample regularisers such as the orientation loss of msd/fields.py
+    evaluate normals at).
+
+    * Dense layout (``ray_indices`` None): weights [B, N, S], t_mid [B, N, S], points [B, N, S, 3].
+    * Packed layout: weights [P], t_mid [P], points [P, 3] and ``ray_indices`` [P], the flat ray ``b·N + n`` of each
+      sample, non-decreasing (a ray's samples are contiguous and in order along it). :meth:`padded` gives the same
+      render in the dense layout, which the regularisers of msd/fields.py take unchanged.
+    """
 
     rgb: Tensor
     opacity: Tensor
@@ -230,6 +248,12 @@ class RenderOutput:
     weights: Tensor
     t_mid: Tensor
     points: Tensor
+    ray_indices: Tensor | None = None
+
+    @property
+    def layout(self) -> str:
+        """``"dense"`` or ``"packed"`` (see the class docstring)."""
+        return "dense" if self.ray_indices is None else "packed"
 
     def images(self, height: int, width: int) -> tuple[Tensor, Tensor, Tensor]:
         """(rgb [B, 3, H, W], opacity [B, 1, H, W], depth [B, 1, H, W]) of rays laid out by :func:`camera_rays`."""
@@ -237,32 +261,143 @@ class RenderOutput:
         rgb = self.rgb.reshape(batch, height, width, 3).permute(0, 3, 1, 2)
         return rgb, self.opacity.reshape(batch, 1, height, width), self.depth.reshape(batch, 1, height, width)
 
+    def padded(self) -> RenderOutput:
+        """This render in the dense layout. S is the largest number of samples on one ray (at least 1); ray r's
+        samples fill slots 0 … count_r − 1 in their order, and the rest is padding with weight 0, t_mid 0 and the
+        point of the first sample (a real point, so that normals evaluated there stay finite: ``0 · NaN`` would not
+        vanish). Every weighted sum over samples (colour, opacity, the orientation loss, z-variance) is unchanged,
+        and gradients reach the packed weights. A dense render is returned as it is."""
+        if self.ray_indices is None:
+            return self
+        batch, n_rays = self.opacity.shape
+        slots, counts = segment_slots(self.ray_indices, batch * n_rays)
+        width = max(int(counts.max()), 1)
+        index = (self.ray_indices, slots)
+        weights = self.weights.new_zeros(batch * n_rays, width).index_put(index, self.weights)
+        t_mid = self.t_mid.new_zeros(batch * n_rays, width).index_put(index, self.t_mid)
+        filler = self.points[:1] if len(self.points) else self.points.new_zeros(1, 3)
+        points = filler.expand(batch * n_rays, width, 3).contiguous().index_put(index, self.points)
+        return RenderOutput(self.rgb, self.opacity, self.depth, weights.view(batch, n_rays, width),
+                            t_mid.view(batch, n_rays, width), points.view(batch, n_rays, width, 3))
 
-def rendering_layout(device: torch.device) -> str:
-    """The sample layout the renderer uses on ``device``.
 
-    ``"dense"``: every ray gets the same number of samples, ``[n_rays, n_samples]``, and nerfacc's rendering runs
-    in plain torch (its CUDA extension is never loaded). This is the only layout today, on every device; the
-    CUDA occupancy-grid / packed path of issue 14 is to be returned here for ``device.type == "cuda"`` only, since
-    nerfacc's packed ops cannot be built against a CPU torch.
+LAYOUTS = ("dense", "packed")
+"""The sample layouts: ``"dense"`` — S samples on every ray, [B·N, S]; ``"packed"`` — the samples an occupancy grid
+keeps, one flat list with their ray indices (CUDA only)."""
+
+
+def rendering_layout(device: torch.device, layout: str | None = None) -> str:
+    """The sample layout the renderer uses on ``device``: ``layout`` if given, else ``"packed"`` on CUDA and
+    ``"dense"`` on every other device.
+
+    ``"dense"``: every ray gets the same number of samples, ``[n_rays, n_samples]``, and nerfacc's rendering runs in
+    plain torch (its CUDA extension is never loaded): every device. ``"packed"``: nerfacc's occupancy-grid traversal
+    and packed compositing, whose kernels are in that extension: CUDA only. The render functions take the packed
+    path only when the layout is ``"packed"`` *and* an occupancy grid is passed; ``layout="dense"`` forces the dense
+    path on CUDA (e.g. to compare with a CPU render).
     """
-    return "dense"
+    if layout is None:
+        return "packed" if device.type == "cuda" else "dense"
+    require(layout in LAYOUTS, "layout", f"one of {LAYOUTS} or None (chosen by the device)", layout)
+    require(layout == "dense" or device.type == "cuda", "layout",
+            f"'dense' or None on a {device.type} device ('packed' needs nerfacc's CUDA extension)", layout)
+    return layout
 
 
-def render_rays(field: RadianceField, rays: Rays, n_samples: int, near: Tensor | float, far: Tensor | float,
-                background: Tensor | Sequence[float] | None = None,
-                generator: torch.Generator | None = None) -> RenderOutput:
-    """Volume-render ``field`` along ``rays`` [B, N] (module docstring for the quadrature).
+def segment_slots(indices: Tensor, n_segments: int) -> tuple[Tensor, Tensor]:
+    """Positions within their segment of elements sorted by segment: ``indices`` [P] non-decreasing in
+    [0, n_segments) → (slots [P], element k is the slots[k]-th of its segment; counts [n_segments]). Pure torch."""
+    require(indices.dim() == 1 and not indices.is_floating_point(), "ray_indices", "integers of shape [P]",
+            (tuple(indices.shape), indices.dtype))
+    counts = torch.bincount(indices, minlength=n_segments)  # raises on a negative index
+    if counts.numel() != n_segments or not bool((indices[1:] >= indices[:-1]).all()):
+        require(False, "ray_indices", f"non-decreasing indices in [0, {n_segments}) (a ray's samples contiguous, "
+                "rays in order)", f"{len(indices)} indices, max {int(indices.max())}")
+    starts = torch.cumsum(counts, 0) - counts
+    return torch.arange(len(indices), device=indices.device) - starts[indices], counts
 
-    near, far: [B, N] or scalars (world units); background: an RGB colour [3] or one per ray [B, N, 3]
-    (None: black); generator: the stratified jitter (None: interval midpoints).
-    """
+
+@dataclass(frozen=True)
+class ViewBatch:
+    """Where P packed samples sit in the ``[B, M]`` batch a :class:`RadianceField` is called with: row ``views`` [P]
+    (the view of the sample's ray), column ``slots`` [P]; M = ``width``, the most samples of one view."""
+
+    views: Tensor
+    slots: Tensor
+    n_views: int
+    width: int
+
+    def scatter(self, values: Tensor) -> Tensor:
+        """[P, ...] → [B, M, ...]: row b holds view b's values in their order; the padding repeats values[0] (zeros
+        when P = 0), a real value, so that a field evaluated on it stays finite. Its outputs are dropped by
+        :meth:`gather`."""
+        filler = values[:1] if len(values) else values.new_zeros(1, *values.shape[1:])
+        batch = filler.expand(self.n_views, self.width, *values.shape[1:]).contiguous()
+        return batch.index_put((self.views, self.slots), values)
+
+    def gather(self, batched: Tensor) -> Tensor:
+        """[B, M, ...] → [P, ...], the inverse of :meth:`scatter` on the samples (differentiable)."""
+        return batched[self.views, self.slots]
+
+
+def group_by_view(ray_indices: Tensor, rays_per_view: int, n_views: int) -> ViewBatch:
+    """Group packed samples by view for the field call: the sample on flat ray r belongs to view ``r // N`` (rays
+    are flattened view by view, N = rays_per_view). ``ray_indices`` must be non-decreasing (nerfacc's order), so each
+    view's samples are contiguous and keep their order in the row. Pure torch."""
+    require(isinstance(rays_per_view, int) and rays_per_view >= 1, "rays_per_view", "an integer >= 1", rays_per_view)
+    views = torch.div(ray_indices, rays_per_view, rounding_mode="floor")
+    slots, counts = segment_slots(views, n_views)
+    return ViewBatch(views, slots, n_views, max(int(counts.max()), 1))
+
+
+def _check_rays(rays: Rays) -> tuple[int, int]:
+    """(B, N) of rays [B, N, 3]."""
     origins, directions = rays.origins, rays.directions
     require(origins.dim() == 3 and origins.shape[-1] == 3 and directions.shape == origins.shape, "rays",
             "origins and directions of one shape [B, N, 3]", (tuple(origins.shape), tuple(directions.shape)))
-    layout = rendering_layout(origins.device)
-    require(layout == "dense", "rendering_layout(device)", "'dense' (the only layout built so far)", layout)
-    batch, n_rays = origins.shape[:2]
+    return origins.shape[0], origins.shape[1]
+
+
+def _background(background: Tensor | Sequence[float] | None, rays: Rays) -> Tensor:
+    """The background as [1, 3] or [B·N, 3] (None: black)."""
+    batch, n_rays = rays.origins.shape[:2]
+    origins = rays.origins
+    if background is None:
+        background = torch.zeros(3, dtype=origins.dtype, device=origins.device)
+    background = torch.as_tensor(background, dtype=origins.dtype, device=origins.device)
+    require(background.shape in ((3,), (batch, n_rays, 3)), "background", f"[3] or [B, N, 3] = [{batch}, {n_rays}, 3]",
+            tuple(background.shape))
+    return background.reshape(-1, 3)
+
+
+def render_rays(field: RadianceField, rays: Rays, n_samples: int, near: Tensor | float, far: Tensor | float,
+                background: Tensor | Sequence[float] | None = None, generator: torch.Generator | None = None, *,
+                layout: str | None = None, estimator: OccupancyGrid | None = None) -> RenderOutput:
+    """Volume-render ``field`` along ``rays`` [B, N] (module docstring for the quadrature).
+
+    near, far: [B, N] or scalars (world units); background: an RGB colour [3] or one per ray [B, N, 3]
+    (None: black); generator: the stratified jitter (None: interval midpoints, or no jitter of the packed march).
+
+    layout: see :func:`rendering_layout` (None: by the rays' device). The packed path
+    (:func:`render_rays_packed`) is taken when the layout is ``"packed"`` and ``estimator`` is given; n_samples is
+    then unused (the grid marches at ``estimator.render_step_size``). Without an estimator the dense path runs on
+    every device; asking for ``layout="packed"`` without one is an error. The dense path ignores the estimator.
+    """
+    _check_rays(rays)
+    chosen = rendering_layout(rays.origins.device, layout)
+    if chosen == "packed":
+        if estimator is not None:
+            return render_rays_packed(field, rays, near, far, estimator, background, generator)
+        require(layout is None, "estimator", "an OccupancyGrid (msd.occupancy) when layout='packed' is asked for",
+                estimator)
+    return _render_rays_dense(field, rays, n_samples, near, far, background, generator)
+
+
+def _render_rays_dense(field: RadianceField, rays: Rays, n_samples: int, near: Tensor | float, far: Tensor | float,
+                       background: Tensor | Sequence[float] | None, generator: torch.Generator | None) -> RenderOutput:
+    """The dense layout: ``n_samples`` stratified samples on every ray, nerfacc's batched rendering (plain torch)."""
+    origins, directions = rays.origins, rays.directions
+    batch, n_rays = _check_rays(rays)
     near = torch.as_tensor(near, dtype=origins.dtype, device=origins.device).expand(batch, n_rays)
     far = torch.as_tensor(far, dtype=origins.dtype, device=origins.device).expand(batch, n_rays)
     samples = stratified_samples(near, far, n_samples, generator)
@@ -272,27 +407,89 @@ def render_rays(field: RadianceField, rays: Rays, n_samples: int, near: Tensor |
         sigmas, rgbs = field.density_and_colour(points.reshape(batch, -1, 3), rays.light_positions)
         return rgbs.reshape(batch * n_rays, n_samples, 3), sigmas.reshape(batch * n_rays, n_samples)
 
-    if background is None:
-        background = torch.zeros(3, dtype=origins.dtype, device=origins.device)
-    background = torch.as_tensor(background, dtype=origins.dtype, device=origins.device)
-    require(background.shape in ((3,), (batch, n_rays, 3)), "background", f"[3] or [B, N, 3] = [{batch}, {n_rays}, 3]",
-            tuple(background.shape))
     rgb, opacity, depth, extras = nerfacc.rendering(
         samples.t_starts.reshape(batch * n_rays, n_samples), samples.t_ends.reshape(batch * n_rays, n_samples),
-        rgb_sigma_fn=rgb_sigma_fn, render_bkgd=background.reshape(-1, 3))
+        rgb_sigma_fn=rgb_sigma_fn, render_bkgd=_background(background, rays))
     return RenderOutput(rgb=rgb.reshape(batch, n_rays, 3), opacity=opacity.reshape(batch, n_rays),
                         depth=depth.reshape(batch, n_rays), weights=extras["weights"].reshape(batch, n_rays, n_samples),
                         t_mid=0.5 * (samples.t_starts + samples.t_ends), points=points)
 
 
+def packed_points(rays: Rays, ray_indices: Tensor, t: Tensor) -> Tensor:
+    """Points [P, 3] at distance t [P] along the flat rays ``ray_indices`` [P] (flat index b·N + n)."""
+    origins, directions = rays.origins.reshape(-1, 3), rays.directions.reshape(-1, 3)
+    return origins[ray_indices] + t.unsqueeze(-1) * directions[ray_indices]
+
+
+def render_packed_samples(field: RadianceField, rays: Rays, ray_indices: Tensor, t_starts: Tensor, t_ends: Tensor,
+                          background: Tensor | Sequence[float] | None = None) -> RenderOutput:
+    """Composite packed samples: intervals ``[t_starts, t_ends]`` [P] on the flat rays ``ray_indices`` [P]
+    (``b·N + n`` into rays [B, N]; non-decreasing, as nerfacc's sampling returns them), the field evaluated at the
+    midpoints, grouped by view (:func:`group_by_view`, lit by view b's light), composited by
+    ``nerfacc.rendering(..., ray_indices=, n_rays=B·N)``. Rays without samples render as background. No samples at
+    all become one zero-length sample on ray 0 (weight 0: threestudio's ``validate_empty_rays``), so that the
+    output stays connected to the field's parameters. nerfacc's packed compositing needs its CUDA extension
+    (``pack_info`` raises on CPU tensors in 0.5.3)."""
+    batch, n_rays = _check_rays(rays)
+    require(ray_indices.dim() == 1 and t_starts.shape == t_ends.shape == ray_indices.shape, "packed samples",
+            "ray_indices, t_starts and t_ends of one shape [P]",
+            (tuple(ray_indices.shape), tuple(t_starts.shape), tuple(t_ends.shape)))
+    if len(ray_indices) == 0:
+        ray_indices = torch.zeros(1, dtype=torch.long, device=ray_indices.device)
+        t_starts = t_ends = torch.zeros(1, dtype=t_starts.dtype, device=t_starts.device)
+    ray_indices = ray_indices.long()
+    t_mid = 0.5 * (t_starts + t_ends)
+    points = packed_points(rays, ray_indices, t_mid)
+    views = group_by_view(ray_indices, n_rays, batch)
+
+    def rgb_sigma_fn(t_starts, t_ends, ray_indices):
+        sigmas, rgbs = field.density_and_colour(views.scatter(points), rays.light_positions)
+        return views.gather(rgbs), views.gather(sigmas)
+
+    rgb, opacity, depth, extras = nerfacc.rendering(t_starts, t_ends, ray_indices=ray_indices, n_rays=batch * n_rays,
+                                                    rgb_sigma_fn=rgb_sigma_fn, render_bkgd=_background(background, rays))
+    return RenderOutput(rgb=rgb.reshape(batch, n_rays, 3), opacity=opacity.reshape(batch, n_rays),
+                        depth=depth.reshape(batch, n_rays), weights=extras["weights"], t_mid=t_mid, points=points,
+                        ray_indices=ray_indices)
+
+
+def render_rays_packed(field: RadianceField, rays: Rays, near: Tensor | float, far: Tensor | float,
+                       estimator: OccupancyGrid, background: Tensor | Sequence[float] | None = None,
+                       generator: torch.Generator | None = None) -> RenderOutput:
+    """The packed layout (CUDA): the occupancy grid marches each ray through [near, far] ([B, N] or scalars) at its
+    fixed step, skipping empty cells and, with pruning, samples of α below its threshold or behind transmittance
+    10⁻⁴ (σ from ``field.density`` at the midpoints, grouped by view); the kept samples are composited by
+    :func:`render_packed_samples`. ``generator`` shifts each ray's start by u·step, u ~ U[0, 1) (threestudio's
+    ``stratified``); None: no shift. See :class:`msd.occupancy.OccupancyGrid` for the defaults."""
+    batch, n_rays = _check_rays(rays)
+    origins = rays.origins
+    near = torch.as_tensor(near, dtype=origins.dtype, device=origins.device).expand(batch, n_rays).reshape(-1)
+    far = torch.as_tensor(far, dtype=origins.dtype, device=origins.device).expand(batch, n_rays).reshape(-1)
+
+    def sigma_fn(t_starts, t_ends, ray_indices):
+        ray_indices = ray_indices.long()
+        views = group_by_view(ray_indices, n_rays, batch)
+        points = packed_points(rays, ray_indices, 0.5 * (t_starts + t_ends))
+        return views.gather(field.density(views.scatter(points)))
+
+    ray_indices, t_starts, t_ends = estimator.sample(origins.reshape(-1, 3), rays.directions.reshape(-1, 3), near, far,
+                                                     sigma_fn, generator)
+    return render_packed_samples(field, rays, ray_indices, t_starts, t_ends, background)
+
+
 def render_cameras(field: RadianceField, cameras: Cameras, n_samples: int, scene_radius: float,
-                   background: Tensor | Sequence[float] | None = None,
-                   generator: torch.Generator | None = None) -> RenderOutput:
+                   background: Tensor | Sequence[float] | None = None, generator: torch.Generator | None = None, *,
+                   layout: str | None = None, estimator: OccupancyGrid | None = None) -> RenderOutput:
     """Render one image per camera: rays through every pixel centre, sampled inside the bounding sphere
-    ``|p| ≤ scene_radius``, lit by ``cameras.light_positions``. ``.images(H, W)`` gives [B, C, H, W] tensors."""
+    ``|p| ≤ scene_radius``, lit by ``cameras.light_positions``. ``.images(H, W)`` gives [B, C, H, W] tensors.
+    layout, estimator: as :func:`render_rays` (the packed path when the layout is ``"packed"`` and an occupancy grid
+    is given; its box [−r, r]³ must hold the sphere, r ≥ scene_radius)."""
+    if estimator is not None:
+        require(estimator.radius >= scene_radius, "estimator.radius",
+                f">= scene_radius ({scene_radius}): the grid's box must hold the rendered sphere", estimator.radius)
     rays = camera_rays(cameras)
     near, far = sphere_near_far(rays, scene_radius)
-    return render_rays(field, rays, n_samples, near, far, background, generator)
+    return render_rays(field, rays, n_samples, near, far, background, generator, layout=layout, estimator=estimator)
 
 
 # --- the camera distribution and view prompts --------------------------------------------------------------------

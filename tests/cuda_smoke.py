@@ -1,13 +1,17 @@
-"""GPU smoke test of the device contract (docs/design.md §7): the four guidances on CUDA with one CUDA generator.
+"""GPU smoke test of the device contract (docs/design.md §7): the four guidances on CUDA with one CUDA generator, and
+the packed rendering layout of text-to-3D (§10.2) through nerfacc's CUDA extension.
 
-Run it on a machine with a GPU, from the repository root (about a minute; nothing is downloaded):
+Run it on a machine with a GPU, from the repository root (about a minute, plus nerfacc's one-off JIT build of its
+CUDA extension, which needs nvcc, on the first render case; nothing is downloaded):
 
-    python -m tests.cuda_smoke                 # device cuda, priors in float16
-    python -m tests.cuda_smoke --device cpu    # the same cases on the CPU in float32 (checks the script itself)
+    python -m tests.cuda_smoke                   # device cuda, priors in float16
+    python -m tests.cuda_smoke --cases render    # only the render cases (seconds once nerfacc is built)
+    python -m tests.cuda_smoke --device cpu      # the guidance cases on the CPU in float32 (checks the script itself)
 
 It writes its log, atomically (``experiments.io``), to ``results/bench/cuda_smoke.log`` (a ``--device cpu`` run to
-``results/bench/cuda_smoke.cpu.log``, so that it is never taken for the GPU log; ``--log PATH`` to choose) and exits
-non-zero if any case fails.
+``results/bench/cuda_smoke.cpu.log``, so that it is never taken for the GPU log; ``--cases render`` or ``guidance`` to
+``cuda_smoke.<cases>.log`` / ``cuda_smoke.<cases>.cpu.log``; ``--log PATH`` to choose) and exits non-zero if any
+case fails.
 
 Tiny random SD-style pipelines are built from configs in a temporary folder (``tests/tiny_sd.py``: a pixel and a
 latent prior, and the ShapesWorld-shaped 32 px pixel prior with an untrained classifier), loaded on ``--device`` in
@@ -28,6 +32,14 @@ latent prior, and the ShapesWorld-shaped 32 px pixel prior with an untrained cla
   start), ``t2d_msd`` with ``start_factor=null`` (start at σ_max), ``t2d_msd_stable`` and ``t2d_msd_tweedie``.
   Every library draw must name a generator, and draw on that generator's device (a draw that names no device is
   allowed only with a CPU generator: the CPU-side evaluation sets, e.g. ShapesWorld's true renders).
+
+* ``render/<check>`` (CUDA only; skipped on the CPU, where ``tests/test_packed_rendering.py`` tests the parts that
+  need no CUDA): the checks of ``tests/test_packed_rendering.py`` that its CUDA tests run. ``packed_sphere``: a
+  constant-density sphere through the occupancy grid against ``1 − exp(−σ·chord)`` and the dense render, with and
+  without jitter, and dA/dσ, d rgb/d colour in closed form; ``packed_views``: three views lit by their own lights
+  against the dense render (and far from a render with the lights rolled), gradients; ``occupancy_grid``: a voxel
+  grid's occupancy updated from a CUDA generator, a jittered packed render, the regularisers through ``padded()``,
+  gradients in every channel, the device contract and the state dict. These run first.
 
 Per case one line: ok/FAIL, seconds, peak CUDA memory (``torch.cuda.max_memory_allocated``, reset per case; "-" on
 the CPU), whether every target (direct) or every logged target range and loss (loop) was finite, and the number of
@@ -62,6 +74,7 @@ from msd.guidance import build_guidance, target_loss  # noqa: E402
 from msd.paths import REPO_ROOT  # noqa: E402
 from msd.priors import DiffusersPrior  # noqa: E402
 from tests.test_device_contract import Draw, DrawRecorder, contract_violations  # noqa: E402
+from tests.test_packed_rendering import check_occupancy_grid, check_packed_sphere, check_packed_views  # noqa: E402
 from tests.tiny_sd import build_tiny_prior, build_tiny_shapes_prior  # noqa: E402
 
 LOG = REPO_ROOT / "results" / "bench" / "cuda_smoke.log"
@@ -91,6 +104,13 @@ LOOP_CASES: dict[str, list[str]] = {
     "t2d_msd_stable": ["guidance=t2d_msd_stable", "guidance.lambda_min=0.1"],
     "t2d_msd_tweedie": ["guidance=t2d_msd_tweedie", "guidance.lambda_min=0.1"],
 }
+
+RENDER_CASES: dict[str, Callable[[torch.device], str]] = {
+    "packed_sphere": check_packed_sphere,
+    "packed_views": check_packed_views,
+    "occupancy_grid": check_occupancy_grid,
+}
+CASE_GROUPS = ("all", "render", "guidance")
 
 
 @dataclass
@@ -228,7 +248,12 @@ def timed(name: str, case: Callable[[], Outcome], device: torch.device, lines: l
     return ok
 
 
-def header(device: torch.device, dtype: str) -> list[str]:
+def render_case(check: Callable[[torch.device], str], device: torch.device) -> Outcome:
+    """One check of tests/test_packed_rendering.py: it raises on a failure and returns its measurements."""
+    return Outcome(True, note=check(device))
+
+
+def header(device: torch.device, dtype: str, cases: str = "all") -> list[str]:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                                 text=True, timeout=10).stdout.strip() or "unknown"
@@ -237,16 +262,19 @@ def header(device: torch.device, dtype: str) -> list[str]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     return [f"# tests.cuda_smoke on {device} ({name}), priors in {dtype}; {time.strftime('%Y-%m-%d %H:%M:%S')}",
             f"# torch {torch.__version__}, python {platform.python_version()}, commit {commit}; "
-            f"{STEPS} steps per case, CFG w = {SCALE:g}, one torch.Generator({device.type!r})"]
+            f"{STEPS} steps per case, CFG w = {SCALE:g}, one torch.Generator({device.type!r}); cases: {cases}"]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     parser.add_argument("--dtype", default=None, help="prior dtype (default: float16 on cuda, float32 on cpu)")
+    parser.add_argument("--cases", choices=CASE_GROUPS, default="all",
+                        help="all (default), render (the packed rendering layout) or guidance (direct and loop)")
     parser.add_argument("--log", type=Path, default=None,
                         help=f"log file (default {LOG.relative_to(REPO_ROOT)}; --device cpu: "
-                             f"{CPU_LOG.relative_to(REPO_ROOT)})")
+                             f"{CPU_LOG.relative_to(REPO_ROOT)}; --cases render or guidance: "
+                             f"cuda_smoke.<cases>[.cpu].log)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -255,9 +283,11 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cuda", torch.cuda.current_device())
     dtype = args.dtype or ("float16" if device.type == "cuda" else "float32")
     log = args.log or (LOG if device.type == "cuda" else CPU_LOG)
+    if args.log is None and args.cases != "all":
+        log = log.with_name(log.name.replace("cuda_smoke.", f"cuda_smoke.{args.cases}.", 1))
     if device.type == "cpu":
         torch.set_num_threads(1)  # tiny tensors: more threads only spin-wait on a loaded machine
-    lines = header(device, dtype)
+    lines = header(device, dtype, args.cases)
     print("\n".join(lines), flush=True)
     results: list[bool] = []
 
@@ -267,6 +297,27 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(lines[start:]), flush=True)
 
     tic = time.perf_counter()
+    if args.cases in ("all", "render"):
+        if device.type == "cuda":
+            for label, check in RENDER_CASES.items():
+                case(f"render/{label}", lambda c=check: render_case(c, device))
+        else:
+            lines.append("# render/* skipped: the packed layout needs CUDA (tests/test_packed_rendering.py covers the "
+                         "rest on the CPU)")
+            print(lines[-1], flush=True)
+    if args.cases in ("all", "guidance"):
+        guidance_cases(device, dtype, case)
+    failed = results.count(False)
+    lines.append(f"# {len(results) - failed}/{len(results)} cases ok, {time.perf_counter() - tic:.1f} s in all"
+                 + (f"; {failed} FAILED" if failed else ""))
+    print(lines[-1], flush=True)
+    write_text(log, "\n".join(lines) + "\n")
+    print(f"log: {log}", flush=True)
+    return 1 if failed else 0
+
+
+def guidance_cases(device: torch.device, dtype: str, case: Callable[[str, Callable[[], Outcome]], None]) -> None:
+    """The direct and loop cases (module docstring), on tiny priors built in a temporary folder."""
     with tempfile.TemporaryDirectory(prefix="cuda_smoke_") as tmp:
         root = Path(tmp)
         generator = torch.Generator(device).manual_seed(0)
@@ -283,13 +334,6 @@ def main(argv: list[str] | None = None) -> int:
         shapes_dir, _ = build_tiny_shapes_prior(root / "shapes")
         for label, overrides in LOOP_CASES.items():
             case(f"loop/{label}", lambda o=overrides, w=root / label: loop_case(shapes_dir, o, device, dtype, w))
-    failed = results.count(False)
-    lines.append(f"# {len(results) - failed}/{len(results)} cases ok, {time.perf_counter() - tic:.1f} s in all"
-                 + (f"; {failed} FAILED" if failed else ""))
-    print(lines[-1], flush=True)
-    write_text(log, "\n".join(lines) + "\n")
-    print(f"log: {log}", flush=True)
-    return 1 if failed else 0
 
 
 if __name__ == "__main__":
