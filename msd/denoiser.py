@@ -25,26 +25,52 @@ from msd.schedules import NoiseSchedule
 @dataclass(frozen=True)
 class Conditioning:
     """The conditioning of one batch of N samples for one call: text-encoder hidden states ``embeddings``
-    [N or 1, L, D] (1: shared by the batch)."""
+    [N or 1, L, D] and, optionally, one camera per row ``camera`` [N or 1, K] (text-to-3D: K = 16, the
+    flattened 4×4 camera_to_world). A leading 1 means shared by the batch; each field is shared or per-row
+    independently (one prompt for all views with per-view cameras, say). Only a camera-conditioned LoRA view
+    reads ``camera`` (:meth:`msd.priors.DiffusersPrior.add_lora`); every other view ignores it."""
 
     embeddings: Tensor
+    camera: Tensor | None = None
 
     def __post_init__(self):
         if self.embeddings.ndim != 3:
             raise ValueError(f"Conditioning.embeddings must be [N or 1, L, D], got {tuple(self.embeddings.shape)}")
+        if self.camera is None:
+            return
+        if not isinstance(self.camera, Tensor) or self.camera.ndim != 2 or not self.camera.is_floating_point():
+            shape = tuple(self.camera.shape) if isinstance(self.camera, Tensor) else type(self.camera).__name__
+            raise ValueError(f"Conditioning.camera must be None or a floating-point tensor [N or 1, K] (K = 16 for a "
+                             f"flattened camera_to_world), got {shape}")
+        rows, cameras = self.embeddings.shape[0], self.camera.shape[0]
+        if rows > 1 and cameras > 1 and rows != cameras:
+            raise ValueError(f"Conditioning.camera has {cameras} rows but embeddings has {rows}: give one camera per "
+                             f"row ({rows}) or one shared camera (1)")
 
     def __len__(self) -> int:
-        return self.embeddings.shape[0]
+        """Rows of the batch this conditions (1: all of its fields are shared)."""
+        return max(self.embeddings.shape[0], 1 if self.camera is None else self.camera.shape[0])
 
     def repeat(self, times: int) -> "Conditioning":
-        """The conditioning of ``x.repeat(times, ...)``: rows tiled ``times`` times (a shared row stays shared)."""
+        """The conditioning of ``x.repeat(times, ...)``: rows tiled ``times`` times (a shared row stays shared,
+        field by field)."""
         if len(self) == 1 or times == 1:
             return self
-        return Conditioning(self.embeddings.repeat(times, 1, 1))
+        embeddings = self.embeddings if self.embeddings.shape[0] == 1 else self.embeddings.repeat(times, 1, 1)
+        camera = self.camera
+        if camera is not None and camera.shape[0] > 1:
+            camera = camera.repeat(times, 1)
+        return Conditioning(embeddings, camera)
 
     def rows(self, index: Tensor | slice) -> "Conditioning":
-        """The conditioning of ``x[index]`` (a shared row stays shared)."""
-        return self if len(self) == 1 else Conditioning(self.embeddings[index])
+        """The conditioning of ``x[index]`` (a shared row stays shared, field by field)."""
+        if len(self) == 1:
+            return self
+        embeddings = self.embeddings if self.embeddings.shape[0] == 1 else self.embeddings[index]
+        camera = self.camera
+        if camera is not None and camera.shape[0] > 1:
+            camera = camera[index]
+        return Conditioning(embeddings, camera)
 
 
 def as_sigma(sigma: float | Tensor, x: Tensor) -> Tensor:

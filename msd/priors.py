@@ -207,6 +207,9 @@ class DiffusersPrior:
         self._embeddings: dict[str, Tensor] = {}
         self._lora: str | None = None
         self._adapters_on = False
+        self.camera_embedding: nn.Module | None = None
+        """The LoRA's camera embedding E_φ (``add_lora(camera_dim=...)``), or None."""
+        self._call_camera: Tensor | None = None  # the camera of the UNet forward in progress (set by eps only)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: torch.device | str | None = None,
@@ -259,12 +262,16 @@ class DiffusersPrior:
         return Conditioning(self.text_embeddings(prompts))
 
     # --- denoising --------------------------------------------------------------------------------------
-    def eps(self, x: Tensor, sigma: Tensor, embeddings: Tensor, adapters: bool = False) -> Tensor:
+    def eps(self, x: Tensor, sigma: Tensor, embeddings: Tensor, adapters: bool = False,
+            camera: Tensor | None = None) -> Tensor:
         """VE ε̂(x̂, σ | text) for x̂ [N, C, H, W] on ``prior.device`` (any float dtype; the result has
         x's dtype), σ [N], embeddings [1 or N, L, D].
 
         UNet input ``z = α x̂``, ``α = 1/√(1+σ²)``, timestep ``schedule.timestep(σ)``; v-prediction is
         converted by ``ε = s z + α v`` with ``s = σ α``. ``adapters``: run with the LoRA enabled.
+        ``camera`` [1 or N, K]: the LoRA's camera condition, only with ``adapters`` and a LoRA added with
+        ``camera_dim = K``; the UNet's time embedding then gets ``+ E_φ(camera)`` for this forward alone.
+        None (also on a camera-conditioned LoRA): no camera term.
         """
         sigma = as_sigma(sigma, x)
         if x.ndim != 4 or x.shape[1] != self.sample_shape[0]:
@@ -273,17 +280,51 @@ class DiffusersPrior:
         if embeddings.shape[0] not in (1, x.shape[0]):
             raise ValueError(f"prompts: got {embeddings.shape[0]} prompts for a batch of {x.shape[0]} samples; "
                              "pass one prompt or one per sample")
+        if camera is not None:
+            camera = self._check_camera(camera, x.shape[0], adapters)
         self._set_adapters(adapters)
         alpha = per_sample(1.0 / torch.sqrt(1.0 + sigma.double() ** 2), x).to(x.dtype)
         z = alpha * x
         timestep = self.schedule.timestep(sigma.detach().cpu()).to(self.device, torch.float32)
         states = embeddings.expand(x.shape[0], -1, -1).to(self.dtype)
         sample = z.to(self.dtype).contiguous(memory_format=self.memory_format)
-        output = self.unet(sample, timestep, encoder_hidden_states=states).sample
+        self._call_camera = camera
+        try:
+            output = self.unet(sample, timestep, encoder_hidden_states=states).sample
+        finally:
+            self._call_camera = None  # never leaks into the next forward
         output = output.to(x.dtype).contiguous()
         if self.prediction_type == "v_prediction":
             return per_sample(sigma, x) * alpha * z + alpha * output
         return output
+
+    def _check_camera(self, camera: Tensor, batch: int, adapters: bool) -> Tensor:
+        """``camera`` as float32 on the prior's device, after checking it fits the call."""
+        if not adapters:
+            raise ValueError("camera: only the LoRA view (adapters=True) is camera-conditioned; the frozen prior "
+                             "takes no camera (pass camera=None)")
+        if self.camera_embedding is None:
+            raise ValueError("camera: this prior's LoRA has no camera embedding; add it with "
+                             "prior.add_lora(..., camera_dim=K) or pass camera=None")
+        width = self.camera_embedding.linear_1.in_features
+        if camera.ndim != 2 or camera.shape[0] not in (1, batch) or camera.shape[1] != width:
+            raise ValueError(f"camera must be [1 or {batch}, {width}] for a batch of {batch} samples (the LoRA's "
+                             f"camera_dim = {width}), got {tuple(camera.shape)}")
+        return camera.to(self.device, torch.float32)
+
+    def _add_camera_embedding(self, module: nn.Module, inputs, output: Tensor) -> Tensor:
+        """Forward hook on ``unet.time_embedding``: ``emb + E_φ(camera)`` while :meth:`eps` runs a camera, the
+        camera rows broadcast (1) or tiled (a stacked [x; x] batch) to the UNet's batch."""
+        camera = self._call_camera
+        if camera is None:
+            return output
+        batch, rows = output.shape[0], camera.shape[0]
+        if batch % rows:
+            raise ValueError(f"camera: {rows} rows do not tile the UNet batch of {batch}")
+        embedding = self.camera_embedding(camera)
+        if rows != batch:
+            embedding = embedding.repeat(batch // rows, 1)
+        return output + embedding.to(output.dtype)
 
     def denoiser(self, guidance_scale: float = 1.0, interval: tuple[float, float] | None = None) -> Denoiser:
         """The text-conditional prior with CFG ``ε̂_u + w (ε̂_c − ε̂_u)`` against "" at ``w = guidance_scale`` on
@@ -309,18 +350,33 @@ class DiffusersPrior:
 
     # --- LoRA (VSD's particle model ε̂_φ) ----------------------------------------------------------------
     def add_lora(self, rank: int = 4, alpha: float | None = None, target_modules: Sequence[str] = LORA_TARGETS,
-                 generator: torch.Generator | None = None, adapter_name: str = "particles") -> list[nn.Parameter]:
+                 generator: torch.Generator | None = None, adapter_name: str = "particles",
+                 camera_dim: int | None = None) -> list[nn.Parameter]:
         """Add a PEFT LoRA (``unet.add_adapter``) of ``rank`` and scale ``alpha/rank`` (alpha default:
         rank) to the UNet; returns its parameters, kept in float32 for training even on a float16 UNet.
         ``B = 0`` so the adapted model starts equal to the prior; ``A ~ U(±1/√fan_in)`` is drawn from
         ``generator`` (on ``prior.device``). The adapter is enabled only inside :meth:`lora_denoiser` views (PEFT's
-        enable/disable also switches the LoRA parameters' ``requires_grad``)."""
+        enable/disable also switches the LoRA parameters' ``requires_grad``).
+
+        ``camera_dim`` K: also condition the LoRA view on the camera, as ProlificDreamer/threestudio do for
+        text-to-3D: a diffusers ``TimestepEmbedding(K, time_embed_dim)`` E_φ (Linear, SiLU, Linear; float32, on
+        ``prior.device``) whose output is added to the UNet's time embedding, ``emb = time_embedding(t) +
+        E_φ(camera)``, in LoRA views given a camera (``Conditioning.camera``, [N or 1, K], e.g. the flattened 4×4
+        camera_to_world) and nowhere else. Its first layer is drawn like nn.Linear's default, ``U(±1/√K)``, from
+        ``generator`` after A; its last layer is zero, so that ε̂_φ starts equal to the prior, like B = 0
+        (threestudio leaves it at PyTorch's random init). Its parameters are part of :meth:`lora_parameters`, so
+        they train and checkpoint with the LoRA. A LoRA view without a camera adds no camera term (threestudio's
+        dropped condition is a zero camera instead: pass zeros for that)."""
         from peft import LoraConfig
 
         if self._lora is not None:
             raise ValueError(f"the prior already has the LoRA adapter {self._lora!r}")
         if rank < 1:
             raise ValueError(f"lora rank must be >= 1, got {rank}")
+        if camera_dim is not None and (isinstance(camera_dim, bool) or int(camera_dim) != camera_dim
+                                       or camera_dim < 1):
+            raise ValueError(f"camera_dim must be null or an integer >= 1 (16: a flattened camera_to_world), "
+                             f"got {camera_dim!r}")
         config = LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, init_lora_weights=True,
                             target_modules=list(target_modules))
         with torch.random.fork_rng(devices=[]):  # PEFT initialises A from the global RNG: keep it untouched
@@ -333,15 +389,39 @@ class DiffusersPrior:
                     parameter.data = (2 * draw - 1) / math.sqrt(parameter.shape[1])
         for parameter in self.lora_parameters():
             parameter.data = parameter.data.float()
+        if camera_dim is not None:
+            self.camera_embedding = self._camera_embedding(int(camera_dim), generator)
+            self.unet.time_embedding.register_forward_hook(self._add_camera_embedding)
         self._set_adapters(False)
         return self.lora_parameters()
 
+    def _camera_embedding(self, camera_dim: int, generator: torch.Generator | None) -> nn.Module:
+        """E_φ = TimestepEmbedding(camera_dim, time_embed_dim): first layer ``U(±1/√camera_dim)`` from
+        ``generator`` (built on the meta device, so nothing draws from the global RNG), last layer zero."""
+        from diffusers.models.embeddings import TimestepEmbedding
+
+        width = self.unet.time_embedding.linear_2.out_features
+        with torch.device("meta"):
+            embedding = TimestepEmbedding(camera_dim, width)
+        embedding = embedding.to_empty(device=self.device).float()
+        with torch.no_grad():
+            bound = 1.0 / math.sqrt(camera_dim)
+            for parameter in (embedding.linear_1.weight, embedding.linear_1.bias):
+                draw = torch.rand(parameter.shape, generator=generator, dtype=torch.float32, device=self.device)
+                parameter.copy_((2 * draw - 1) * bound)
+            embedding.linear_2.weight.zero_()
+            embedding.linear_2.bias.zero_()
+        return embedding.requires_grad_(True).train()
+
     def lora_parameters(self) -> list[nn.Parameter]:
-        """The LoRA adapter's parameters (empty before :meth:`add_lora`)."""
+        """The LoRA adapter's parameters, then its camera embedding's (empty before :meth:`add_lora`)."""
         if self._lora is None:
             return []
         tag = f".{self._lora}."
-        return [p for name, p in self.unet.named_parameters() if ".lora_" in name and tag in name]
+        parameters = [p for name, p in self.unet.named_parameters() if ".lora_" in name and tag in name]
+        if self.camera_embedding is not None:
+            parameters += list(self.camera_embedding.parameters())
+        return parameters
 
     def lora_denoiser(self) -> "LoRADenoiser":
         """ε̂_φ: the LoRA-adapted UNet (no CFG), conditioned per call; ``.parameters()`` = the LoRA."""
@@ -418,13 +498,17 @@ class CleanRange:
 class PromptDenoiser(Denoiser):
     """The prior at text embeddings [1 or N, L, D]; adapters disabled. ``embeddings`` None: unbound, bound per
     call by :meth:`condition`. ``unconditional``: CFG's empty-prompt guide, which keeps its embeddings whatever
-    the call's conditioning."""
+    the call's conditioning. The frozen prior is not camera-conditioned: this view ignores ``cond.camera``."""
 
     vp = True
     adapters = False
 
-    def __init__(self, prior: DiffusersPrior, embeddings: Tensor | None = None, unconditional: bool = False):
+    def __init__(self, prior: DiffusersPrior, embeddings: Tensor | None = None, unconditional: bool = False,
+                 camera: Tensor | None = None):
         self.prior, self.embeddings, self.unconditional = prior, embeddings, unconditional
+        if camera is not None and not self.adapters:
+            raise ValueError("camera: only the LoRA view (prior.lora_denoiser()) is camera-conditioned")
+        self.camera = camera
 
     @property
     def noise_schedule(self) -> VPSchedule:
@@ -433,18 +517,21 @@ class PromptDenoiser(Denoiser):
     def condition(self, cond: Conditioning | None) -> "PromptDenoiser":
         if self.unconditional or cond is None:
             return self
-        return type(self)(self.prior, cond.embeddings)
+        return type(self)(self.prior, cond.embeddings, camera=cond.camera if self.adapters else None)
 
     def eps(self, x: Tensor, sigma: Tensor) -> Tensor:
         if self.embeddings is None:
             raise ValueError("the prior's denoiser has no conditioning: pass the step's conditioning to the guidance "
                              "(guidance(x, step, generator, cond=prior.conditioning(prompts))) or bind it with "
                              "denoiser.condition(cond)")
-        return self.prior.in_data_range(x, sigma, self.prior.eps(x, sigma, self.embeddings, adapters=self.adapters))
+        camera = {} if self.camera is None else {"camera": self.camera}  # None: the call exactly as before cameras
+        eps = self.prior.eps(x, sigma, self.embeddings, adapters=self.adapters, **camera)
+        return self.prior.in_data_range(x, sigma, eps)
 
 
 class LoRADenoiser(PromptDenoiser):
-    """ε̂_φ for VSD: the same conditioning with the LoRA adapter enabled; trains only the LoRA."""
+    """ε̂_φ for VSD: the same conditioning with the LoRA adapter enabled; trains only the LoRA (and its camera
+    embedding). Bound, it keeps the call's ``cond.camera`` (None: no camera term)."""
 
     adapters = True
 
@@ -472,7 +559,14 @@ class CFGDenoiser(GuidedDenoiser):
             return self.main.eps(x, sigma)  # (unbound: raises, saying how to condition)
         n = x.shape[0]
         embeddings = torch.cat([self.main.embeddings.expand(n, -1, -1), self.guide.embeddings.expand(n, -1, -1)])
-        both = self.main.prior.eps(torch.cat([x, x]), torch.cat([sigma, sigma]), embeddings, self.main.adapters)
+        camera = {}  # a pair of camera-conditioned LoRA views: [main; guide] cameras, like the embeddings
+        if self.main.camera is not None or self.guide.camera is not None:
+            if self.main.camera is None or self.guide.camera is None:
+                raise ValueError("camera: a CFG pair of LoRA views runs one forward, so both views need a camera "
+                                 "or neither (give the guide a zero camera for threestudio's dropped condition)")
+            camera = {"camera": torch.cat([self.main.camera.expand(n, -1), self.guide.camera.expand(n, -1)])}
+        both = self.main.prior.eps(torch.cat([x, x]), torch.cat([sigma, sigma]), embeddings, self.main.adapters,
+                                   **camera)
         eps_main, eps_guide = both[:n], both[n:]
         w = per_sample(torch.where(active, torch.full_like(sigma, self.scale), torch.ones_like(sigma)), x)
         return self.main.prior.in_data_range(x, sigma, eps_guide + w * (eps_main - eps_guide))
