@@ -8,7 +8,7 @@ export WANDB_MODE ?= offline
 export PYTHONHASHSEED := 0
 
 .PHONY: venv test test-slow test-full test-slurm reproduce reproduce-toy2d reproduce-toy2d-datasets \
-	reproduce-toy2d-studies reproduce-table4 reproduce-table4-quick reproduce-text2d-studies toy2d-weights shapes-prior shapes3d-prior bench sweep-bandwidth sweep-guidance dashboards clean
+	reproduce-toy2d-studies reproduce-table4 reproduce-table4-quick reproduce-text2d-studies reproduce-text3d reproduce-text3d-quick toy2d-weights shapes-prior shapes3d-prior bench sweep-bandwidth sweep-guidance dashboards clean
 PRIOR ?= sd21
 
 venv: .venv/.installed
@@ -43,7 +43,7 @@ test-full: venv
 test-slurm: venv
 	WANDB_MODE=disabled slurm/test_sweep.sh
 
-reproduce: reproduce-toy2d reproduce-toy2d-studies reproduce-table4-quick
+reproduce: reproduce-toy2d reproduce-toy2d-studies reproduce-table4-quick reproduce-text3d-quick
 
 # The fractal toy table (results/toy2d/metrics.*, figure_grid.png): ~6 minutes on 2 cores
 reproduce-toy2d: venv
@@ -74,6 +74,16 @@ reproduce-text2d-studies: venv
 
 reproduce-table4-quick: venv
 	$(PY) -m eval.reproduce_table4 --prior shapes --quick
+
+# Text-to-3D on ShapesWorld-3D: 5 methods x 4 prompts (one Janus probe) x 2 seeds -> results/text3d/ (resumable;
+# SEEDS=K for more seeds). The MSD bandwidth rule first (results/text3d/msd_scales.csv, ~20 s).
+reproduce-text3d: venv
+	$(PY) -m eval.text3d_scales
+	$(PY) -m eval.reproduce_text3d $(if $(SEEDS),--seeds $(SEEDS))
+
+# The quick 3-D preset of make reproduce: SDS and MSD on one prompt, 60 iterations (outputs/text3d_quick/)
+reproduce-text3d-quick: venv
+	$(PY) -m eval.reproduce_text3d --quick
 
 shapes-prior: venv
 	$(PY) -m experiments.train_shapes --iterations 1800

@@ -15,7 +15,8 @@ from pathlib import Path
 from experiments.loggers import WANDB_MODES, NullLogger, RunLogger, WandbLogger
 
 PROJECT = "msd-repro"
-STUDY_TASKS = {"toy2d_grid": "toy2d", "gradient_quality": "toy2d", "landscapes": "toy2d", "table4": "text2d"}
+STUDY_TASKS = {"toy2d_grid": "toy2d", "gradient_quality": "toy2d", "landscapes": "toy2d", "table4": "text2d",
+               "text3d": "text3d"}
 """Study (the job type of its W&B run) -> the task whose runs it studies."""
 STUDY_TAG = "study"
 

@@ -2,12 +2,14 @@
 
 Per step k (0-based): ``x = task.render()`` (differentiable in the task's parameters ψ), the guidance gives a
 detached target ``y = guidance(x, k, generator, task.conditioning(k)).target``, and the optimiser takes one
-step on the one loss ``L = ½‖x − sg(y)‖²`` (summed per sample, averaged over the batch; docs/design.md §3).
+step on the one loss ``L = ½‖x − sg(y)‖²`` (summed per sample, averaged over the batch; docs/design.md §3),
+plus the task's own regularisers of its parameters when it has any (``task.regularisation(k)``: text-to-3D's
+orientation / sparsity / opacity terms; the ``loss`` column stays the target loss).
 Before step k the loop stops if ``guidance.should_stop(k)`` (MSD: bandwidth below λ_min).
 
 Rows: step 0 is scored before the first update; then every ``log_every`` steps (and at the last) a row holds
 the step, the cumulative network evaluations (when the task names an ``evals_column``), the loss of that update
-and every aux scalar of the guidance; every ``eval_every`` steps, and at the last step with ``final=True``, the
+and every aux scalar of the guidance (and the task's regulariser terms); every ``eval_every`` steps, and at the last step with ``final=True``, the
 row also gets ``task.evaluate``. ``seconds`` times render + guidance + update only (evaluation excluded).
 
 Checkpoints (``experiments.checkpoint``): every ``checkpoint.every`` steps the loop saves the task's state,
@@ -71,8 +73,9 @@ def distill(task: Task, guidance: Guidance, optimizer: torch.optim.Optimizer, ge
             x = task.render()
             out = guidance(x.detach(), step, generator, task.conditioning(step))
             loss = target_loss(x, out.target)
+            penalty = task.regularisation(step)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss if penalty is None else loss + penalty.total).backward()
             optimizer.step()
             seconds += time.perf_counter() - tic
             loss_value = loss.item()
@@ -80,7 +83,8 @@ def distill(task: Task, guidance: Guidance, optimizer: torch.optim.Optimizer, ge
             last = done == steps or guidance.should_stop(done)
             task.after_step(done, last)
             if done % log_every == 0 or last:
-                row = {**counters(done, evals), "loss": loss_value, **out.aux}
+                row = {**counters(done, evals), "loss": loss_value, **out.aux,
+                       **({} if penalty is None else penalty.scalars())}
                 if done % eval_every == 0 or last:
                     row.update(task.evaluate(final=last))
                     closed = last

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar
 
@@ -22,10 +23,22 @@ from msd.checks import require
 from msd.denoiser import Conditioning
 
 
+@dataclass(frozen=True)
+class Penalty:
+    """A task's regularisation of one step: ``total`` = Σ_k λ_k L_k (differentiable, added to the target loss) and
+    the weighted terms λ_k L_k by name (logged as ``reg_<name>``, with ``regularisation`` = total)."""
+
+    total: Tensor
+    terms: dict[str, Tensor] = field(default_factory=dict)
+
+    def scalars(self) -> dict[str, float]:
+        return {"regularisation": self.total.item(), **{f"reg_{k}": v.item() for k, v in self.terms.items()}}
+
+
 class Task(ABC):
     """One experiment's world: built from the config (every check before anything is written), then run.
 
-    The loop calls :meth:`render`, :meth:`conditioning`, :meth:`after_step`, :meth:`evaluate` and, for a
+    The loop calls :meth:`render`, :meth:`conditioning`, :meth:`regularisation`, :meth:`after_step`, :meth:`evaluate` and, for a
     checkpoint, :meth:`state_dict` / :meth:`load_state_dict`; :meth:`run` drives a whole run and writes the
     outputs."""
 
@@ -48,6 +61,11 @@ class Task(ABC):
 
     def conditioning(self, step: int) -> Conditioning | None:
         """The conditioning of the rows of x at optimisation step ``step`` (None: unconditional)."""
+        return None
+
+    def regularisation(self, step: int) -> Penalty | None:
+        """Extra loss terms on the parameters for step ``step``, computed from what :meth:`render` just drew
+        (None: the target loss alone)."""
         return None
 
     def after_step(self, step: int, last: bool) -> None:
@@ -78,7 +96,7 @@ def make_optimizer(parameters: list[Tensor], optimizer_cfg: DictConfig) -> torch
 
 
 _REGISTRY: dict[str, type[Task]] = {}
-BUILTIN_TASKS = {"toy2d": "experiments.toy2d", "text2d": "experiments.text2d"}
+BUILTIN_TASKS = {"toy2d": "experiments.toy2d", "text2d": "experiments.text2d", "text3d": "experiments.text3d"}
 """Task name → the module that registers it (imported on first use)."""
 
 

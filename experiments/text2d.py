@@ -106,15 +106,17 @@ def build_generator(cfg: DictConfig, prior: DiffusersPrior, batch: int, generato
 
 
 def build_text2d_guidance(cfg: DictConfig, prior: DiffusersPrior, denoiser: Denoiser,
-                          generator: torch.Generator) -> Guidance:
+                          generator: torch.Generator, lora_camera_dim: int | None = None) -> Guidance:
     """``build_guidance(guidance.name, ...)`` on the prior's denoiser (which carries its VP schedule); VSD's ε̂_φ
-    is a LoRA on the UNet, initialised from ``generator``."""
+    is a LoRA on the UNet, initialised from ``generator`` (conditioned on a camera vector of ``lora_camera_dim``
+    values when given: text-to-3D, ProlificDreamer's camera-conditioned LoRA)."""
     kwargs = OmegaConf.to_container(cfg.guidance, resolve=True)
     name = kwargs.pop("name")
     lora = {field: kwargs.pop(field) for field in LORA_FIELDS if field in kwargs}
     if name == "vsd":
         require("lora_rank" in lora, "guidance.lora_rank", "set for a diffusers prior (VSD's ε̂_φ is a LoRA)", None)
-        prior.add_lora(rank=int(lora["lora_rank"]), alpha=lora.get("lora_alpha"), generator=generator)
+        prior.add_lora(rank=int(lora["lora_rank"]), alpha=lora.get("lora_alpha"), generator=generator,
+                       camera_dim=lora_camera_dim)
         kwargs["particle_model"] = prior.lora_denoiser()
         for toy_only in ("phi_hidden", "phi_layers"):
             kwargs.pop(toy_only, None)
