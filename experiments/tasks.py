@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import torch
 from omegaconf import DictConfig
@@ -52,7 +53,7 @@ class Task(ABC):
 
     @classmethod
     @abstractmethod
-    def build(cls, cfg: DictConfig) -> "Task":
+    def build(cls, cfg: DictConfig) -> Task:
         """Check ``cfg`` and build the run's objects; raises ``ValueError`` naming a bad field."""
 
     @abstractmethod

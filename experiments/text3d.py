@@ -4,7 +4,8 @@ diffusion prior by any guidance, on the one loop (:func:`experiments.distill.dis
 Per iteration k: ``task.batch_size`` cameras from the threestudio camera distribution (``task.cameras``), drawn,
 with the stratified ray jitter, the shading and the background augmentation, from a generator seeded by
 (seed, k) on the prior's device, so that the step's draws depend on nothing else (a resumed run redraws them
-exactly); the field rendered through them (``task.render_sizes`` px, switching at ``task.resolution_milestones``;
+exactly); the field rendered through them (dense samples on the CPU; on CUDA nerfacc's packed samples from an
+occupancy grid the task owns and updates, ``task.occupancy_grid``) (``task.render_sizes`` px, switching at ``task.resolution_milestones``;
 ``task.n_samples`` per ray) on its background; the renders mapped to [−1, 1], bilinearly resized to the prior's
 image size when they differ (threestudio's ``F.interpolate(..., align_corners=False)``) and VAE-encoded for a latent
 prior. The conditioning is the view-dependent prompts (``"<prompt>, front view"``, threestudio's thresholds) and
@@ -55,20 +56,23 @@ from msd.fields import (
     ScheduledWeight,
     SolidBackground,
     VolumeField,
+    VoxelGridField,
     random_background,
     regularisation,
 )
 from msd.guidance import Guidance, available_guidances
+from msd.occupancy import OccupancyGrid
 from msd.paths import repo_path
 from msd.priors import DiffusersPrior, locate_prior
 from msd.rendering import (
-    Cameras,
     CameraDistribution,
-    RenderOutput,
+    Cameras,
     Rays,
+    RenderOutput,
     camera_rays,
     evaluation_cameras,
     render_rays,
+    rendering_layout,
     sample_cameras,
     sphere_near_far,
     view_indices,
@@ -174,13 +178,11 @@ def build_field(task: DictConfig, generator: torch.Generator) -> VolumeField:
     """g(ψ): ``task.field`` (voxel grid or implicit hash-grid volume) with ``task.material``, on the generator's
     device (the implicit volume's weights are drawn from ``generator``)."""
     spec, material = task.field, material_of(task)
-    common = dict(radius=float(task.scene_radius), density_bias=spec.density_bias,
-                  density_blob_scale=float(spec.density_blob_scale), density_blob_std=float(spec.density_blob_std),
-                  density_activation=spec.density_activation, normal_type=spec.normal_type,
-                  normal_eps=float(spec.normal_eps), material=material)
+    common = {"radius": float(task.scene_radius), "density_bias": spec.density_bias,
+              "density_blob_scale": float(spec.density_blob_scale), "density_blob_std": float(spec.density_blob_std),
+              "density_activation": spec.density_activation, "normal_type": spec.normal_type,
+              "normal_eps": float(spec.normal_eps), "material": material}
     if spec.name == "voxel":
-        from msd.fields import VoxelGridField
-
         return VoxelGridField(resolution=int(spec.resolution), device=generator.device, **common)
     return ImplicitVolumeField(generator, **common).to(generator.device)
 
@@ -384,9 +386,13 @@ class Text3DTask(Task):
         self.batch: StepBatch | None = None
         self.evaluator: Evaluator3D | None = None
         self.last_row: dict = {}
+        self.occupancy: OccupancyGrid | None = None
+        if cfg.task.occupancy_grid and rendering_layout(setup.prior.device) == "packed":
+            self.occupancy = OccupancyGrid(radius=float(cfg.task.scene_radius), samples_per_ray=int(cfg.task.n_samples),
+                                           device=setup.prior.device)
 
     @classmethod
-    def build(cls, cfg: DictConfig) -> "Text3DTask":
+    def build(cls, cfg: DictConfig) -> Text3DTask:
         return cls(cfg, build_setup(cfg))
 
     def parameters(self) -> list[nn.Parameter]:
@@ -405,13 +411,15 @@ class Text3DTask(Task):
         size = self.render_size(self.step)
         cameras = sample_cameras(setup.cameras, int(task.batch_size), size, size, generator)
         shading = setup.field.material.sample_shading(self.step, generator)
+        if self.occupancy is not None:
+            self.occupancy.update(self.step, setup.field, generator)
         rays = camera_rays(cameras)
         near, far = sphere_near_far(rays, float(task.scene_radius))
         background = setup.background(rays.directions)
         if float(task.background.random_probability) > 0:
             background = random_background(background, generator, float(task.background.random_probability))
         output = render_rays(setup.field.with_shading(shading), rays, int(task.n_samples), near, far, background,
-                             generator)
+                             generator, estimator=self.occupancy)
         self.batch = StepBatch(cameras, rays, output, shading)
         rgb, _, _ = output.images(size, size)
         return to_prior_space(setup.prior, rgb)
@@ -425,7 +433,8 @@ class Text3DTask(Task):
 
     def regularisation(self, step: int) -> Penalty | None:
         batch = self.batch
-        total, terms = regularisation(self.setup.field.with_shading(batch.shading), batch.render,
+        render = batch.render if batch.render.ray_indices is None else batch.render.padded()
+        total, terms = regularisation(self.setup.field.with_shading(batch.shading), render,
                                       batch.rays.directions, self.setup.regularisers, step)
         if not terms:
             return None
@@ -455,12 +464,14 @@ class Text3DTask(Task):
 
     def state_dict(self) -> dict:
         return {"field": self.setup.field.state_dict(), "background": self.setup.background.state_dict(),
-                "step": self.step}
+                "step": self.step, **({"occupancy": self.occupancy.state_dict()} if self.occupancy is not None else {})}
 
     def load_state_dict(self, state: dict) -> None:
         self.setup.field.load_state_dict(state["field"])
         self.setup.background.load_state_dict(state["background"])
         self.step = int(state["step"])
+        if self.occupancy is not None:
+            self.occupancy.load_state_dict(state["occupancy"])
 
     # --- the run ----------------------------------------------------------------------------------------------
     def run(self, run_dir: Path, logger: RunLogger, checkpoint: RunCheckpoint) -> dict:
@@ -491,11 +502,9 @@ class Text3DTask(Task):
 
         ev, setup = self.cfg.task.eval, self.setup
         if self.evaluator is not None:
-            images = self.evaluator.images
-            write_npz(run_dir / "views.npz", images=images.numpy(), prompts=np.array(self.evaluator.view_prompts),
+            write_npz(run_dir / "views.npz", images=self.evaluator.images.numpy(),
+                      prompts=np.array(self.evaluator.view_prompts),
                       **{f"reference_{k}": v.numpy() for k, v in self.evaluator.reference_images.items()})
-        else:
-            images = 2.0 * torch.zeros(0, 3, 1, 1) - 1.0
         if bool(ev.exports):
             size = int(ev.turntable_size)
             mp4, _ = write_turntable(run_dir / "turntable", setup.field, n_views=int(ev.turntable_views), height=size,
@@ -506,9 +515,14 @@ class Text3DTask(Task):
             _, glb = write_mesh(run_dir / "mesh", field_mesh(setup.field, threshold=tau))
             logger.log_object3d("mesh", glb)
         title = f"{self.method}: {setup.prompt!r}, w={float(self.cfg.guidance_scale):g}, seed {int(self.cfg.seed)}"
-        if len(images):
-            pixels = to_uint8((images + 1.0) / 2.0)
-            return multiview_figure({title: pixels})
-        figure = Figure(figsize=(3, 1))
-        figure.suptitle(title, fontsize=8)
-        return figure
+        if self.evaluator is not None:
+            images = self.evaluator.images
+        else:  # no world: the evaluation views on the world's grey, as they are
+            height, width = setup.prior.image_size
+            cameras = evaluation_cameras(setup.cameras, int(ev.views), height, width, setup.prior.device)
+            from shapes.metrics3d_geometry import render_views
+
+            with torch.no_grad():
+                images = 2.0 * render_views(setup.field, cameras, int(ev.n_samples), float(self.cfg.task.scene_radius),
+                                            BACKGROUND)[0].float().cpu() - 1.0
+        return multiview_figure({title: to_uint8((images + 1.0) / 2.0)})

@@ -127,9 +127,20 @@ def test_every_text2d_preset_composes_and_passes(preset, guidance):
     check_config_types(compose_config(*preset, f"guidance={guidance}"))
 
 
+TEXT3D_GUIDANCES = sorted(path.stem for path in (CONF / "guidance").glob("t3d_*.yaml"))
+
+
+@pytest.mark.parametrize("guidance", TEXT3D_GUIDANCES)
+@pytest.mark.parametrize("preset", [["experiment=text3d_shapes"], ["experiment=text3d_sd21"],
+                                    ["task=text3d", "prior=shapes3d"]])
+def test_every_text3d_preset_composes_and_passes(preset, guidance):
+    check_config_types(compose_config(*preset, f"guidance={guidance}"))
+
+
 def test_every_preset_is_covered():
     presets = sorted(path.stem for path in (CONF / "experiment").glob("*.yaml"))
-    assert presets == ["table4", "table4_shapes", "toy2d"], "a new experiment preset: add it to the tests above"
+    assert presets == ["table4", "table4_shapes", "text3d_sd21", "text3d_shapes", "toy2d"], \
+        "a new experiment preset: add it to the tests above"
 
 
 @pytest.mark.parametrize("sweep", SWEEPS)
