@@ -106,10 +106,10 @@ toy2d-weights: venv
 
 # Sweeps (conf/sweep/<TASK>_bandwidth|guidance.yaml, slurm/README.md): runs into outputs/sweeps/$(NAME)/, then
 # the table results/sweeps/$(NAME).csv (+ heat maps):
-#   make sweep-bandwidth [TASK=toy2d|text2d] [NAME=...] [ARGS="hydra/launcher=slurm hydra.launcher.partition=gpu"]
+#   make sweep-bandwidth [TASK=toy2d|text2d|text3d] [NAME=...] [ARGS="hydra/launcher=slurm hydra.launcher.partition=gpu"]
 # DRY_RUN=1 prints the sbatch script and each run's directory instead of running anything.
 TASK ?= toy2d
-SWEEP_TASKS := toy2d text2d
+SWEEP_TASKS := toy2d text2d text3d
 sweep_preset = $(TASK)_$(@:sweep-%=%)
 sweep_name = $(or $(NAME),$(sweep_preset))
 sweep-bandwidth sweep-guidance: venv

@@ -30,8 +30,10 @@ from msd.paths import REPO_ROOT
 AXIS_PREFERENCE = ("guidance.lambda0", "guidance_scale", "guidance.lambda_min", "guidance.schedule",
                    "guidance.sampler", "seed")
 DEFAULT_METRICS = {"toy2d": ("mode_distance", "recall", "precision", "mmd", "nll"),
-                   "text2d": ("fid", "prompt_accuracy", "mode_distance")}
-LOWER_IS_BETTER = ("nll", "nll_median", "mmd", "mode_distance", "fid", "fid_true")
+                   "text2d": ("fid", "prompt_accuracy", "mode_distance"),
+                   "text3d": ("silhouette_iou", "prompt_accuracy", "volumetric_iou_opaque", "kid_true")}
+LOWER_IS_BETTER = ("nll", "nll_median", "mmd", "mode_distance", "fid", "fid_true", "kid_true", "kid_prior",
+                   "fid_prior")
 IGNORED_OVERRIDES = ("sweep", *RUN_INDEPENDENT_KEYS)
 
 
