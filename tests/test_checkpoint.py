@@ -96,20 +96,27 @@ def interrupt_after(monkeypatch, module, calls: int) -> None:
     monkeypatch.setattr(module, "target_loss", failing)
 
 
+def assert_resume_is_bitwise(monkeypatch, overrides: list[str], tmp_path: Path, crash_after: int, saved_step: int,
+                             arrays: str) -> None:
+    """A whole run of ``overrides`` against the same run crashed after ``crash_after`` updates (its last checkpoint at
+    ``saved_step``) and started again: the same arrays, metric rows and final metrics."""
+    run(compose_config(*overrides), tmp_path / "whole")
+    with monkeypatch.context() as patch:
+        interrupt_after(patch, experiments.distill, crash_after)
+        with pytest.raises(Interrupt):
+            run(compose_config(*overrides), tmp_path / "resumed")
+    assert torch.load(tmp_path / "resumed" / CHECKPOINT_FILE, weights_only=True)["step"] == saved_step
+    run(compose_config(*overrides), tmp_path / "resumed")
+    assert_same_run(tmp_path / "whole", tmp_path / "resumed", arrays)
+
+
 @pytest.mark.parametrize("guidance", ["msd", "sdi"])
 def test_toy_resume_in_process(monkeypatch, tmp_path, guidance):
     """MSD (bandwidth = schedule(step), early stop) and SDI (annealed-free timesteps, inversion noise)."""
     overrides = [f"guidance={guidance}", "task.steps=12", "task.checkpoint_every=4", *TOY]
     if guidance == "sdi":
         overrides.append("guidance.inversion_steps=2")
-    run(compose_config(*overrides), tmp_path / "whole")
-    with monkeypatch.context() as patch:
-        interrupt_after(patch, experiments.distill, 6)
-        with pytest.raises(Interrupt):
-            run(compose_config(*overrides), tmp_path / "resumed")
-    assert torch.load(tmp_path / "resumed" / CHECKPOINT_FILE, weights_only=True)["step"] == 4
-    run(compose_config(*overrides), tmp_path / "resumed")
-    assert_same_run(tmp_path / "whole", tmp_path / "resumed", "particles.npz")
+    assert_resume_is_bitwise(monkeypatch, overrides, tmp_path, crash_after=6, saved_step=4, arrays="particles.npz")
 
 
 @pytest.fixture
@@ -130,14 +137,7 @@ def test_text2d_vsd_resume_is_bitwise_identical(monkeypatch, tiny_pixel_prior, t
     """VSD's LoRA ε̂_φ, its Adam state, the generator MLP, its Adam state, the RNG and the FID rows: 3 iterations,
     stopped after 2 (checkpoint and FID row at 2), resumed for the last one (and the final FID)."""
     overrides = text2d_overrides(tiny_pixel_prior, tmp_path / "cache", "t2d_vsd")
-    run(compose_config(*overrides), tmp_path / "whole")
-    with monkeypatch.context() as patch:
-        interrupt_after(patch, experiments.distill, 2)
-        with pytest.raises(Interrupt):
-            run(compose_config(*overrides), tmp_path / "resumed")
-    assert torch.load(tmp_path / "resumed" / CHECKPOINT_FILE, weights_only=True)["step"] == 2
-    run(compose_config(*overrides), tmp_path / "resumed")
-    assert_same_run(tmp_path / "whole", tmp_path / "resumed", "images.npz")
+    assert_resume_is_bitwise(monkeypatch, overrides, tmp_path, crash_after=2, saved_step=2, arrays="images.npz")
 
 
 def test_vsd_state_round_trip_continues_identically():

@@ -92,12 +92,18 @@ def test_bad_text2d_config_fails_before_writing(tiny_pixel_prior, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-@pytest.mark.slow  # a CLI process (the Hugging Face cache location is read at import)
-def test_sd21_preset_without_weights_fails_at_once(tmp_path):
+def assert_preset_fails_without_weights(tmp_path: Path, experiment: str, guidance: str) -> None:
+    """``experiment=<experiment>`` (a Stable Diffusion 2.1 preset) on a machine without the weights: the CLI stops
+    before writing the run, saying how to download them."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty_cache"), "WANDB_MODE": "disabled"}
-    result = subprocess.run([sys.executable, "-m", "experiments.run", "experiment=table4", "guidance=t2d_msd",
-                             "device=cpu", f"hydra.run.dir={tmp_path / 'run'}"], cwd=REPO, env=env,
+    result = subprocess.run([sys.executable, "-m", "experiments.run", f"experiment={experiment}", f"guidance={guidance}",
+                             "device=cpu", f"hydra.run.dir={tmp_path / 'run'}"], check=False, cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "stabilityai/stable-diffusion-2-1-base" in result.stderr and "hf download" in result.stderr
     assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+@pytest.mark.slow  # a CLI process (the Hugging Face cache location is read at import)
+def test_sd21_preset_without_weights_fails_at_once(tmp_path):
+    assert_preset_fails_without_weights(tmp_path, "table4", "t2d_msd")

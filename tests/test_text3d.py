@@ -6,8 +6,6 @@ that never loads nerfacc's CUDA backend."""
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -19,14 +17,13 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-import experiments.distill
-from experiments.checkpoint import CHECKPOINT_FILE
 from experiments.run import run
 from experiments.text3d import Text3DTask, opaque_threshold, step_generator, to_prior_space
 from msd.guidance import target_loss
 from msd.rendering import view_prompts
-from tests.test_checkpoint import Interrupt, assert_same_run, interrupt_after
+from tests.test_checkpoint import assert_resume_is_bitwise
 from tests.test_rendering import no_nerfacc_cuda  # noqa: F401  (the fixture)
+from tests.test_text2d import assert_preset_fails_without_weights
 
 REPO = Path(__file__).resolve().parent.parent
 PROBE = "a red cube with a blue front"
@@ -84,14 +81,7 @@ def test_text3d_vsd_resume_is_bitwise_identical(monkeypatch, tmp_path):
     """The field, its Adam state, VSD's camera-conditioned LoRA and its Adam state, the loop's generator and the
     step's (seed, step) draws: 3 iterations, stopped after 2 (checkpoint at 2), resumed for the last one."""
     overrides = tiny(tmp_path / "cache", "guidance=t3d_vsd", "task.eval.exports=false")
-    run(compose_config(*overrides), tmp_path / "whole")
-    with monkeypatch.context() as patch:
-        interrupt_after(patch, experiments.distill, 2)
-        with pytest.raises(Interrupt):
-            run(compose_config(*overrides), tmp_path / "resumed")
-    assert torch.load(tmp_path / "resumed" / CHECKPOINT_FILE, weights_only=True)["step"] == 2
-    run(compose_config(*overrides), tmp_path / "resumed")
-    assert_same_run(tmp_path / "whole", tmp_path / "resumed", "views.npz")
+    assert_resume_is_bitwise(monkeypatch, overrides, tmp_path, crash_after=2, saved_step=2, arrays="views.npz")
 
 
 @pytest.fixture(scope="module")
@@ -224,10 +214,4 @@ def test_a_cpu_text3d_step_never_touches_nerfacc_cuda(no_nerfacc_cuda, task):  #
 
 @pytest.mark.slow  # a CLI process (the Hugging Face cache location is read at import)
 def test_text3d_sd21_preset_without_weights_fails_at_once(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty_cache"), "WANDB_MODE": "disabled"}
-    result = subprocess.run([sys.executable, "-m", "experiments.run", "experiment=text3d_sd21", "guidance=t3d_msd",
-                             "device=cpu", f"hydra.run.dir={tmp_path / 'run'}"], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0
-    assert "stabilityai/stable-diffusion-2-1-base" in result.stderr and "hf download" in result.stderr
-    assert not (tmp_path / "run" / "config.yaml").exists()
+    assert_preset_fails_without_weights(tmp_path, "text3d_sd21", "t3d_msd")
