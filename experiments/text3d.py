@@ -18,7 +18,8 @@ world's grey background, lambertian with the light at the camera, read by the Sh
 colour accuracy over the views, multi-view prompt accuracy (all views right), view accuracy, the Janus count on a
 probe prompt — the silhouette IoU against the prompt's primitive (the best size of :data:`SILHOUETTE_SIZES`), and at
 the last evaluation the volumetric IoU at τ = 200 (calibrated on the truth, docs/design.md §10.7) and at
-τ = ln 2 · S / 2R (where one evaluation sample step is half opaque), and FID / KID of the views against true renders
+τ = ln 2 / 0.3 = 2.31 (where a ray through the world's thinnest object is half opaque; the mesh's isosurface too),
+the field's largest density, and FID / KID of the views against true renders
 and against the prior's own DDIM samples at the same view prompts.
 """
 from __future__ import annotations
@@ -78,6 +79,7 @@ from msd.rendering import (
     view_indices,
     view_prompts,
 )
+from shapes.world3d import SIZE_RANGE
 
 FIELDS = ("voxel", "implicit")
 BACKGROUNDS = ("solid", "environment")
@@ -90,10 +92,11 @@ SILHOUETTE_SIZES = (0.15, 0.175, 0.2, 0.225, 0.25, 0.275, 0.3)
 size range in steps of 0.025."""
 
 
-def opaque_threshold(n_samples: int, scene_radius: float) -> float:
-    """τ = ln 2 · S / (2R): the density at which one sample step δ = 2R/S of a ray through the scene's diameter is
-    half opaque (``1 − exp(−τ δ) = ½``), in 1 / world unit."""
-    return math.log(2.0) * n_samples / (2.0 * scene_radius)
+def thin_object_threshold(min_size: float) -> float:
+    """τ = ln 2 / (2 r_min): the density at which a ray through the diameter of the world's thinnest object (size
+    r_min) is half opaque, ``1 − exp(−τ · 2 r_min) = ½``, in 1 / world unit: where a learned field, whose interior
+    density is a few units after a short run (not the world's 400), starts to render as a surface."""
+    return math.log(2.0) / (2.0 * min_size)
 
 
 # --- configuration ------------------------------------------------------------------------------------------------
@@ -305,10 +308,10 @@ class Evaluator3D:
         return scores[best], SILHOUETTE_SIZES[best]
 
     def volumetric(self, field) -> dict[str, float | str]:
-        from shapes.metrics3d_geometry import DENSITY_THRESHOLD, volumetric_iou
+        from shapes.metrics3d_geometry import DENSITY_THRESHOLD, density_grid, volumetric_iou
 
-        row: dict[str, float | str] = {}
-        for suffix, tau in (("", DENSITY_THRESHOLD), ("_opaque", opaque_threshold(self.n_samples, self.radius))):
+        row: dict[str, float | str] = {"density_max": density_grid(field).max().item()}
+        for suffix, tau in (("", DENSITY_THRESHOLD), ("_opaque", thin_object_threshold(SIZE_RANGE[0]))):
             fit = volumetric_iou(field, threshold=tau)
             row[f"volumetric_iou{suffix}"] = fit.iou
             row[f"volumetric_iou{suffix}_prompt_shape"] = fit.iou_by_shape[self.shape]
@@ -496,11 +499,14 @@ class Text3DTask(Task):
         return finish_run(run_dir, final, rows, "multiview", figure, logger, start)
 
     def write_exports(self, run_dir: Path, logger: RunLogger, final: dict) -> Figure:
-        """The evaluation views (views.npz), the turntable and the mesh; returns the multi-view figure."""
-        from experiments.exports import field_mesh, multiview_figure, to_uint8, write_mesh, write_turntable
+        """The final field (field.pt: its and the background's state dicts), the evaluation views (views.npz), the
+        turntable and the mesh; returns the multi-view figure."""
+        from experiments.exports import atomic_path, field_mesh, multiview_figure, to_uint8, write_mesh, write_turntable
         from shapes.world3d import BACKGROUND
 
         ev, setup = self.cfg.task.eval, self.setup
+        with atomic_path(run_dir / "field.pt") as tmp:
+            torch.save({"field": setup.field.state_dict(), "background": setup.background.state_dict()}, tmp)
         if self.evaluator is not None:
             write_npz(run_dir / "views.npz", images=self.evaluator.images.numpy(),
                       prompts=np.array(self.evaluator.view_prompts),
@@ -511,7 +517,7 @@ class Text3DTask(Task):
                                      width=size, distribution=setup.cameras, n_samples=int(ev.n_samples),
                                      scene_radius=float(self.cfg.task.scene_radius), background=BACKGROUND)
             logger.log_video("turntable", mp4)
-            tau = opaque_threshold(int(ev.n_samples), float(self.cfg.task.scene_radius))
+            tau = thin_object_threshold(SIZE_RANGE[0])
             _, glb = write_mesh(run_dir / "mesh", field_mesh(setup.field, threshold=tau))
             logger.log_object3d("mesh", glb)
         title = f"{self.method}: {setup.prompt!r}, w={float(self.cfg.guidance_scale):g}, seed {int(self.cfg.seed)}"

@@ -18,7 +18,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from experiments.run import run
-from experiments.text3d import Text3DTask, opaque_threshold, step_generator, to_prior_space
+from experiments.text3d import Text3DTask, step_generator, thin_object_threshold, to_prior_space
 from msd.guidance import target_loss
 from msd.rendering import view_prompts
 from tests.test_checkpoint import assert_resume_is_bitwise
@@ -65,6 +65,7 @@ def test_text3d_run_writes_metrics_views_and_exports(tmp_path, guidance, evals_p
         assert curve.unet_evals.iloc[-1] == pytest.approx(3 * evals_per_iter)
     for key in ("volumetric_iou", "volumetric_iou_opaque"):
         assert 0 <= final[key] <= 1
+    assert final["density_max"] > 0
     for key in ("fid_true", "kid_true", "fid_prior", "kid_prior"):
         assert math.isfinite(final[key])
     assert final["iterations"] == 3 and final["prompt"] == PROBE and final["ms_per_iter"] > 0
@@ -72,7 +73,7 @@ def test_text3d_run_writes_metrics_views_and_exports(tmp_path, guidance, evals_p
         assert arrays["images"].shape == (8, 3, 32, 32) and np.abs(arrays["images"]).max() <= 1
         assert arrays["reference_true"].shape == arrays["reference_prior"].shape == (16, 3, 32, 32)
         assert list(arrays["prompts"])[:2] == [f"{PROBE}, front view", f"{PROBE}, side view"]
-    for name in ("turntable.mp4", "turntable.gif", "mesh.obj", "mesh.glb", "multiview.png"):
+    for name in ("turntable.mp4", "turntable.gif", "mesh.obj", "mesh.glb", "multiview.png", "field.pt"):
         assert (tmp_path / "run" / name).stat().st_size > 0, name
     assert json.loads((tmp_path / "run" / "final.json").read_text())["silhouette_iou"] == final["silhouette_iou"]
 
@@ -120,10 +121,9 @@ def test_conditioning_is_the_view_prompts_and_the_cameras(task):
     assert sorted(quarters.tolist()) == [0.0, 1.0, 2.0, 3.0]  # stratified: one camera per quarter turn
 
 
-def test_opaque_threshold_makes_one_step_half_opaque():
-    tau = opaque_threshold(64, 1.0)
-    assert 1 - math.exp(-tau * 2.0 / 64) == pytest.approx(0.5)
-    assert tau == pytest.approx(math.log(2) * 32)
+def test_thin_object_threshold_makes_the_thinnest_object_half_opaque():
+    tau = thin_object_threshold(0.15)
+    assert 1 - math.exp(-tau * 0.3) == pytest.approx(0.5) and tau == pytest.approx(2.3105, abs=1e-4)
 
 
 def test_to_prior_space_maps_and_resizes(task):
