@@ -72,7 +72,7 @@ BAD_CONFIGS = [
     (["guidance=sds", "+guidance.lambda0=1"], r"guidance=sds: .*lambda0"),
     (["guidance=ddim", "guidance.solver=rk4"], r"guidance\.solver must be one of"),
     (["task.grid_size=0"], r"task\.grid_size must be >= 1"),
-    (["task.name=t2i"], r"task\.name must be one of \('text2d', 'toy2d'\)"),
+    (["task.name=t2i"], r"task\.name must be one of \('text2d', 'text3d', 'toy2d'\)"),
     (["logger=wandb", "logger.mode=sometimes"], r"logger\.mode must be one of"),
     (["num_threads=0"], r"num_threads must be null or >= 1"),
     (["task.eval.hdr_mass=1.5"], r"task\.eval\.hdr_mass must be in \(0, 1\)"),

@@ -12,7 +12,8 @@ from hydra.errors import ConfigCompositionException
 
 from eval.slurm_dry_run import CONF_DIR, dry_run, sweep_jobs
 
-PRESET_JOBS = {"toy2d_bandwidth": 9, "toy2d_guidance": 12, "text2d_bandwidth": 9, "text2d_guidance": 9}
+PRESET_JOBS = {"toy2d_bandwidth": 9, "toy2d_guidance": 12, "text2d_bandwidth": 9, "text2d_guidance": 9,
+               "text3d_bandwidth": 6, "text3d_guidance": 9}
 """Each sweep preset and its number of runs (the product of its hydra.sweeper.params)."""
 
 KNOBS = ["hydra.launcher.partition=gpu", "hydra.launcher.timeout_min=240", "hydra.launcher.gpus_per_node=1",
@@ -57,10 +58,13 @@ def test_preset_composes_its_task(preset):
         cfg = compose("config", overrides=[f"sweep={preset}"])
     if preset.startswith("toy2d"):
         assert (cfg.task.name, cfg.guidance.name, cfg.denoiser.name) == ("toy2d", "msd", "exact")
-    else:
+    elif preset.startswith("text2d"):
         assert (cfg.task.name, cfg.prior.name, cfg.guidance.name, cfg.guidance.sampler) == \
             ("text2d", "shapes", "msd", "product_ode")
         assert len(cfg.task.prompts) == 12
+    else:
+        assert (cfg.task.name, cfg.prior.name, cfg.guidance.name, cfg.guidance.sampler, cfg.guidance.lambda0) == \
+            ("text3d", "shapes3d", "msd", "product_ode", 11.4)
 
 
 def test_launcher_defaults():
