@@ -24,6 +24,7 @@ from eval.dashboards import (  # noqa: E402
     specification,
     sweep_presets,
 )
+from eval.processes import composed_config  # noqa: E402
 from eval.tracking import PROJECT  # noqa: E402
 from tests.test_loggers import TOY_TINY, WANDB_VARIABLES, cli, hydra_metadata, offline_runs  # noqa: E402
 
@@ -192,7 +193,9 @@ def test_panels_plot_keys_the_selected_runs_log(logged, sections):
             task = next(tag for tag in section.runs.tags if tag.startswith("task:"))
             runs = [r for r in logged if r.job_type in section.runs.job_types and task in r.tags]
         if not runs and "task:text3d" in section.runs.tags:  # not in the fixture yet: what the protocol logs
-            runs = [SimpleNamespace(keys=TEXT3D_LOGGED[section.title], config={})]
+            sweep = board.name.removeprefix("sweep_") if board.name.startswith("sweep_") else None
+            config = composed_config([f"sweep={sweep}"]) if sweep else {}  # a sweep run's config holds its axes
+            runs = [SimpleNamespace(keys=TEXT3D_LOGGED.get(section.title, TEXT3D_LOGGED["Runs"]), config=config)]
         assert runs, (board.name, section.title)
         logged_keys = set().union(*(r.keys for r in runs))
         for panel in section.panels:
