@@ -197,9 +197,11 @@ def image_grid(images: Tensor, rows: int) -> Image.Image:
     return Image.fromarray(grid)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--iterations", type=int, default=2000, help="prior training steps")
+def add_model_arguments(parser: argparse.ArgumentParser, *, iterations: int, classifier_iterations: int,
+                        classifier_channels: list[int]) -> None:
+    """The prior's and the classifier's sizes and training options, shared by the 2D and 3D training scripts (the
+    defaults that differ are given)."""
+    parser.add_argument("--iterations", type=int, default=iterations, help="prior training steps")
     parser.add_argument("--batch", type=int, default=32, help="prior batch size")
     parser.add_argument("--resolution", type=int, default=32, help="image side in pixels")
     parser.add_argument("--channels", type=int, nargs="+", default=[16, 32, 64], help="UNet block widths")
@@ -210,21 +212,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=100, help="linear learning-rate warm-up steps")
     parser.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved weights")
     parser.add_argument("--drop", type=float, default=0.15, help="fraction of captions replaced by the empty prompt")
-    parser.add_argument("--classifier-iterations", type=int, default=1000)
+    parser.add_argument("--classifier-iterations", type=int, default=classifier_iterations)
     parser.add_argument("--classifier-batch", type=int, default=64)
-    parser.add_argument("--classifier-channels", type=int, nargs="+", default=[32, 64, 128])
+    parser.add_argument("--classifier-channels", type=int, nargs="+", default=classifier_channels)
     parser.add_argument("--classifier-features", type=int, default=128, help="FID feature dimension")
     parser.add_argument("--ddim-steps", type=int, default=50)
     parser.add_argument("--guidance-scale", type=float, default=4.0, help="CFG w (1 = no guidance)")
-    parser.add_argument("--samples-per-prompt", type=int, default=16)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, *, prior_dir: str, classifier_dir: str, results: Path) -> None:
+    """Threads, seed, logging and where the models (``<out>/<prior_dir>``, ``<out>/<classifier_dir>``) and the check
+    (``results``) go."""
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reuse-prior", action="store_true",
-                        help="load <out>/prior instead of training it (retrain only the classifier, redo the check)")
+                        help=f"load <out>/{prior_dir} instead of training it (retrain only the classifier, redo the "
+                             "check)")
     parser.add_argument("--log-every", type=int, default=100)
-    parser.add_argument("--out", type=Path, default=REPO / "shapes", help="writes <out>/prior and <out>/classifier")
-    parser.add_argument("--results", type=Path, default=REPO / "results" / "shapes",
-                        help="writes prior_check.json and prior_samples.png")
+    parser.add_argument("--out", type=Path, default=REPO / "shapes",
+                        help=f"writes <out>/{prior_dir} and <out>/{classifier_dir}")
+    parser.add_argument("--results", type=Path, default=results, help="writes prior_check.json and prior_samples.png")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_arguments(parser, iterations=2000, classifier_iterations=1000, classifier_channels=[32, 64, 128])
+    parser.add_argument("--samples-per-prompt", type=int, default=16)
+    add_run_arguments(parser, prior_dir="prior", classifier_dir="classifier", results=REPO / "results" / "shapes")
     args = parser.parse_args(argv)
     for name in ("iterations", "batch", "classifier_iterations", "classifier_batch", "ddim_steps",
                  "samples_per_prompt", "threads", "warmup", "log_every"):

@@ -77,7 +77,14 @@ from diffusers import DDIMScheduler
 from torch import Tensor, nn
 
 from experiments.shapes_files import save_classifier, save_prior
-from experiments.train_shapes import ema_update, image_grid, replace_dir, write_atomic
+from experiments.train_shapes import (
+    add_model_arguments,
+    add_run_arguments,
+    ema_update,
+    image_grid,
+    replace_dir,
+    write_atomic,
+)
 from msd.rendering import (
     VIEWS,
     CameraDistribution,
@@ -447,37 +454,15 @@ def sample_check(classifier: ShapesClassifier3D, samples: Tensor, bases: list[st
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--iterations", type=int, default=1300, help="prior training steps")
-    parser.add_argument("--batch", type=int, default=32, help="prior batch size")
-    parser.add_argument("--resolution", type=int, default=32, help="image side in pixels")
+    add_model_arguments(parser, iterations=1300, classifier_iterations=3000, classifier_channels=[16, 32, 64])
     parser.add_argument("--pool", type=int, default=8192, help="renders in the training pool (mirrored: twice as many)")
     parser.add_argument("--camera-batch", type=int, default=32, help="cameras per threestudio batch of the pool")
     parser.add_argument("--n-samples", type=int, default=N_SAMPLES, help="samples per ray of the renders")
     parser.add_argument("--janus-share", type=float, default=1 / 3, help="fraction of pool scenes that are Janus probes")
-    parser.add_argument("--channels", type=int, nargs="+", default=[16, 32, 64], help="UNet block widths")
-    parser.add_argument("--layers-per-block", type=int, default=1)
-    parser.add_argument("--text-width", type=int, default=64, help="text encoder hidden size (= cross-attention dim)")
-    parser.add_argument("--text-layers", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--warmup", type=int, default=100, help="linear learning-rate warm-up steps")
-    parser.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved weights")
-    parser.add_argument("--drop", type=float, default=0.15, help="fraction of captions replaced by the empty prompt")
-    parser.add_argument("--classifier-iterations", type=int, default=3000)
-    parser.add_argument("--classifier-batch", type=int, default=64)
-    parser.add_argument("--classifier-channels", type=int, nargs="+", default=[16, 32, 64])
-    parser.add_argument("--classifier-features", type=int, default=128, help="FID feature dimension")
     parser.add_argument("--heldout", type=int, default=512, help="fresh renders the classifier is checked on")
-    parser.add_argument("--ddim-steps", type=int, default=50)
-    parser.add_argument("--guidance-scale", type=float, default=4.0, help="CFG w (1 = no guidance)")
     parser.add_argument("--samples-per-view", type=int, default=2, help="samples per prompt and view in the grid")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--reuse-prior", action="store_true",
-                        help="load <out>/prior3d instead of training it (retrain only the classifier, redo the check)")
-    parser.add_argument("--log-every", type=int, default=100)
-    parser.add_argument("--out", type=Path, default=REPO / "shapes", help="writes <out>/prior3d and <out>/classifier3d")
-    parser.add_argument("--results", type=Path, default=REPO / "results" / "shapes3d",
-                        help="writes prior_check.json and prior_samples.png")
+    add_run_arguments(parser, prior_dir="prior3d", classifier_dir="classifier3d",
+                      results=REPO / "results" / "shapes3d")
     args = parser.parse_args(argv)
     for name in ("iterations", "batch", "pool", "camera_batch", "n_samples", "classifier_iterations",
                  "classifier_batch", "heldout", "ddim_steps", "samples_per_view", "threads", "warmup", "log_every"):
