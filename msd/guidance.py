@@ -48,7 +48,7 @@ class Guidance(ABC):
 
     def state_dict(self) -> dict:
         """What a resumed run needs beyond the step index (tensors and plain values only). Empty for a
-        guidance whose state is a function of the step (SDS, SDI, MSD: λ = schedule(step))."""
+        guidance whose state is a function of the step (SDS, SDI, MSD with fresh start noise: λ = schedule(step))."""
         return {}
 
     def load_state_dict(self, state: dict) -> None:

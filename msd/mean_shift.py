@@ -46,6 +46,7 @@ from msd.schedules import EDMSchedule, NoiseSchedule
 from msd.solvers import check_solver, ddim_invert, sample, solver_evaluations, solver_step
 
 PRODUCT_SAMPLERS = ("product_ode", "tweedie", "ode", "stable", "exact")
+START_NOISES = ("fresh", "common")
 KERNEL_CENTERS = ("noise_scaled", "raw")
 KERNEL_TIMES = ("sigma_sq_half", "timestep")
 
@@ -95,7 +96,7 @@ class MSDGuidance(Guidance):
                  eta: float = 0.0, noise_schedule: NoiseSchedule | None = None, kernel_center: str = "noise_scaled",
                  kernel_interval: tuple[float, float] | None = None, kernel_time: str = "sigma_sq_half",
                  kernel_time_scale: float = 1.0, start_factor: float | None = None,
-                 inversion_scale: float | None = None):
+                 inversion_scale: float | None = None, start_noise: str = "fresh"):
         require(sampler in PRODUCT_SAMPLERS, "guidance.sampler", f"one of {PRODUCT_SAMPLERS}", sampler)
         require(kernel_center in KERNEL_CENTERS, "guidance.kernel_center", f"one of {KERNEL_CENTERS}", kernel_center)
         require(kernel_time in KERNEL_TIMES, "guidance.kernel_time", f"one of {KERNEL_TIMES}", kernel_time)
@@ -107,6 +108,9 @@ class MSDGuidance(Guidance):
         require(sampler != "tweedie" or num_samples == 1, "guidance.num_samples",
                 "1 for sampler='tweedie' (deterministic)", num_samples)
         require(0.0 <= eta <= 1.0, "guidance.eta", "in [0, 1]", eta)
+        require(start_noise in START_NOISES, "guidance.start_noise", f"one of {START_NOISES}", start_noise)
+        require(start_noise == "fresh" or sampler in ("product_ode", "ode", "stable"), "guidance.start_noise",
+                "'fresh' for samplers without start noise (tweedie, exact)", start_noise)
         require(start_factor is None or (start_factor > 0 and sampler == "product_ode"), "guidance.start_factor",
                 "null, or > 0 with sampler='product_ode'", start_factor)
         require(eta == 0.0 or (sampler == "product_ode" and solver == "euler"), "guidance.eta",
@@ -120,6 +124,7 @@ class MSDGuidance(Guidance):
         self.kernel_interval = tuple(kernel_interval) if kernel_interval is not None else None
         self.kernel_time_scale = float(kernel_time_scale)
         self.start_factor = None if start_factor is None else float(start_factor)
+        self.start_noise, self.common_noise = start_noise, None
         require(inversion_scale is None or sampler == "stable", "guidance.inversion_scale",
                 "null unless sampler='stable' (the guidance scale of its DDIM inversion)", inversion_scale)
         self.inversion_denoiser = with_scale(denoiser, inversion_scale)
@@ -130,6 +135,16 @@ class MSDGuidance(Guidance):
 
     def should_stop(self, step: int) -> bool:
         return self.bandwidth.should_stop(step)
+
+    def state_dict(self) -> dict:
+        """``start_noise='common'``: the standard-normal start noise drawn at the first call (empty before)."""
+        return {} if self.common_noise is None else {"common_noise": self.common_noise.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.start_noise == "fresh" or not state:
+            super().load_state_dict(state)
+            return
+        self.common_noise = state["common_noise"].clone()
 
     def __call__(self, x: Tensor, step: int, generator: torch.Generator | None = None,
                  cond: Conditioning | None = None) -> GuidanceOutput:
@@ -209,9 +224,17 @@ class MSDGuidance(Guidance):
         return centers / float(alpha)
 
     def _noise(self, like: Tensor, generator: torch.Generator | None, sigma: float | None = None) -> Tensor:
-        """N(0, σ²I) shaped like ``like`` (σ: the grid's first level unless given)."""
+        """σ ε with ε ~ N(0, I) shaped like ``like`` (σ: the grid's first level unless given). ``start_noise=
+        'common'``: ε is drawn at the first call and reused at every later one (common random numbers: each
+        target is still one draw of ṗ, and successive targets are a continuous function of x and λ)."""
         sigma = self.sigmas[0] if sigma is None else sigma
-        return sigma * torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+        if self.start_noise == "fresh":
+            return sigma * torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+        if self.common_noise is None:
+            self.common_noise = torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+        require(self.common_noise.shape == like.shape, "the samples' shape with guidance.start_noise='common'",
+                f"the first call's {tuple(self.common_noise.shape)}", tuple(like.shape))
+        return sigma * self.common_noise.to(like.device)
 
     def _ode_solve(self, centers: Tensor, lam: float, generator: torch.Generator | None,
                    cond: Conditioning | None) -> Tensor:

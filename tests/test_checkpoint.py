@@ -110,12 +110,13 @@ def assert_resume_is_bitwise(monkeypatch, overrides: list[str], tmp_path: Path, 
     assert_same_run(tmp_path / "whole", tmp_path / "resumed", arrays)
 
 
-@pytest.mark.parametrize("guidance", ["msd", "sdi"])
-def test_toy_resume_in_process(monkeypatch, tmp_path, guidance):
-    """MSD (bandwidth = schedule(step), early stop) and SDI (annealed-free timesteps, inversion noise)."""
-    overrides = [f"guidance={guidance}", "task.steps=12", "task.checkpoint_every=4", *TOY]
-    if guidance == "sdi":
-        overrides.append("guidance.inversion_steps=2")
+@pytest.mark.parametrize("guidance,extra", [("msd", []), ("msd", ["guidance.start_noise=common"]),
+                                             ("sdi", ["guidance.inversion_steps=2"])],
+                         ids=["msd", "msd_common_noise", "sdi"])
+def test_toy_resume_in_process(monkeypatch, tmp_path, guidance, extra):
+    """MSD (bandwidth = schedule(step), early stop; with common start noise, the noise is guidance state) and SDI
+    (annealed-free timesteps, inversion noise)."""
+    overrides = [f"guidance={guidance}", "task.steps=12", "task.checkpoint_every=4", *TOY, *extra]
     assert_resume_is_bitwise(monkeypatch, overrides, tmp_path, crash_after=6, saved_step=4, arrays="particles.npz")
 
 

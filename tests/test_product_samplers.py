@@ -151,7 +151,46 @@ def test_stochastic_product_ode_is_seeded(fractal):
     assert not torch.allclose(plain.product_samples(x, 0.1, seeded(5)), a, atol=1e-3)
 
 
+# ----- 7. common start noise -----------------------------------------------------------------------------------
+
+def test_common_start_noise_is_drawn_once_and_still_samples_the_product(fractal, centres, reference):
+    """start_noise='common': the first call draws ε from its generator (the same samples as a fresh sampler's
+    from that generator state); later calls reuse ε whatever generator they get, so successive samples are one
+    function of (x, λ) — and, ε being N(0, I) and independent per row, still exact product samples at the new λ."""
+    lam, _, floor, _ = reference
+    settings = dict(sampler="product_ode", solver="heun", solver_steps=17, start_factor=10.0, num_samples=N_SAMPLES)
+    common, fresh = MSDGuidance(fractal[1], start_noise="common", **settings), MSDGuidance(fractal[1], **settings)
+    x = centres.float()
+    assert torch.equal(common.product_samples(x, 2 * lam, seeded(3)), fresh.product_samples(x, 2 * lam, seeded(3)))
+    samples = common.product_samples(x, lam, seeded(4))
+    assert torch.equal(samples, common.product_samples(x, lam, seeded(5)))
+    assert not torch.equal(samples, fresh.product_samples(x, lam, seeded(4)))
+    mmd, std_ratio, mean_err = scores(samples.double(), reference)
+    assert max(mmd) <= FLOOR_FACTOR * floor + FLOOR_MARGIN, (mmd, floor)
+    assert ((std_ratio - 1).abs() <= 0.1).all(), std_ratio
+    assert (mean_err <= 0.15).all(), mean_err
+
+
+def test_common_start_noise_is_the_guidance_state(fractal):
+    """A checkpointed common noise makes a new guidance continue bitwise; a fresh-noise guidance refuses it; a
+    change of the samples' shape names the field."""
+    x = torch.tensor([[0.9, -0.3], [0.4, 0.15]])
+    make = lambda **kw: MSDGuidance(fractal[1], solver_steps=8, **kw)  # noqa: E731
+    first = make(start_noise="common")
+    assert first.state_dict() == {}
+    first.product_samples(x, 0.3, seeded(1))
+    resumed = make(start_noise="common")
+    resumed.load_state_dict(first.state_dict())
+    assert torch.equal(first.product_samples(x, 0.1, seeded(2)), resumed.product_samples(x, 0.1, seeded(9)))
+    with pytest.raises(ValueError, match="keeps no state"):
+        make().load_state_dict(first.state_dict())
+    with pytest.raises(ValueError, match="start_noise"):
+        first.product_samples(x[:1], 0.1, seeded(2))
+
+
 @pytest.mark.parametrize("kwargs,field", [
+    ({"start_noise": "bogus"}, "guidance.start_noise"),
+    ({"sampler": "tweedie", "start_noise": "common"}, "guidance.start_noise"),
     ({"eta": 1.0, "solver": "heun"}, "guidance.eta"),
     ({"eta": 0.5, "solver": "euler", "sampler": "ode"}, "guidance.eta"),
     ({"eta": 1.5, "solver": "euler"}, "guidance.eta"),
