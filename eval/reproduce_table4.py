@@ -59,7 +59,7 @@ from msd.paths import REPO_ROOT
 from msd.priors import PriorNotFoundError, locate_prior
 
 GUIDANCES = {"ddim": "t2d_ddim", "sds": "t2d_sds", "vsd": "t2d_vsd", "sdi": "t2d_sdi", "msd": "t2d_msd",
-             "msd_tweedie": "t2d_msd_tweedie", "msd_stable": "t2d_msd_stable"}
+             "msd_tweedie": "t2d_msd_tweedie", "msd_stable": "t2d_msd_stable", "msd_common": "t2d_msd_common"}
 """Method label (final.json ``method``, ``experiments.builders.method_label``) → guidance config. The eq. 12
 sampler (``t2d_msd_ode``) is not a row of the protocol."""
 DEFAULT_SEEDS = 3
@@ -76,7 +76,7 @@ QUICK_OVERRIDES = ['task.prompts=["a red circle","a green square","a blue triang
                    "task.eval.reference_per_prompt=16", "task.solver_steps=8"]
 """``--quick`` (ShapesWorld only): 4 prompts × 2 images, 60 iterations, 8-step product samplers, one seed per
 method (≤ 10 minutes on 2 cores)."""
-COST_ORDER = ("msd_stable", "msd", "sdi", "vsd", "msd_tweedie", "sds", "ddim")
+COST_ORDER = ("msd_stable", "msd", "msd_common", "sdi", "vsd", "msd_tweedie", "sds", "ddim")
 """Longest runs first (UNet evaluations per iteration at 12 solver steps: MSD stable 48, MSD product-ODE ≈ 46,
 SDI 22, VSD 4, MSD Tweedie 2, SDS 2), so that the parallel workers finish together; seeds in order within."""
 TARGET_METHOD = "sds"

@@ -38,12 +38,12 @@ PRIORS = ("shapes", "sd21", "sd15")
 REFERENCE_METHOD = "ddim"
 EVALUATION_METRIC = "fid"
 """The column that marks metrics.csv's evaluation rows (NaN on the other iterations)."""
-METHOD_ORDER = ("ddim", "sds", "vsd", "sdi", "msd", "msd_tweedie", "msd_stable", "msd_ode")
+METHOD_ORDER = ("ddim", "sds", "vsd", "sdi", "msd", "msd_common", "msd_tweedie", "msd_stable", "msd_ode")
 METHOD_TITLES = {"ddim": "DDIM (reference)", "sds": "SDS", "vsd": "VSD", "sdi": "SDI",
                  "msd": "MSD (product ODE)", "msd_tweedie": "MSD (Tweedie)", "msd_stable": "MSD (eq. 15 stable)",
-                 "msd_ode": "MSD (eq. 12 ODE)"}
+                 "msd_ode": "MSD (eq. 12 ODE)", "msd_common": "MSD (product ODE, common noise)"}
 METHOD_COLORS = {"ddim": "#444444", "sds": "#1f77b4", "vsd": "#2ca02c", "sdi": "#9467bd", "msd": "#d62728",
-                 "msd_tweedie": "#e377c2", "msd_stable": "#ff7f0e", "msd_ode": "#8c564b"}
+                 "msd_tweedie": "#e377c2", "msd_stable": "#ff7f0e", "msd_ode": "#8c564b", "msd_common": "#17becf"}
 CURVE_PANELS = {"fid": "FID vs DDIM reference", "fid_true": "FID vs true renders", "kid": "KID vs DDIM reference",
                 "prompt_accuracy": "prompt accuracy"}
 LOSS_PANELS = {"loss": "loss ½‖x − sg(y)‖² (batch mean)", "grad_norm": "‖x − y‖ per image (mean)"}

@@ -125,13 +125,15 @@ well below SDI's own fixed-point error (``eval.sdi_toy``)."""
 
 def method_label(guidance_cfg: DictConfig) -> str:
     """The row label of a run: the guidance name, with MSD's product sampler when it is not the default
-    ``product_ode`` (``msd_tweedie``, ``msd_ode``, ``msd_stable``, ``msd_exact``); ``vsd_ideal`` for VSD with the
+    ``product_ode`` (``msd_tweedie``, ``msd_ode``, ``msd_stable``, ``msd_exact``) and ``_common`` for MSD with common
+    start noise (``msd_common``, ``msd_stable_common``, ...); ``vsd_ideal`` for VSD with the
     ideal particle model (``particle_model: ideal``); ``sdi_exact`` for SDI with a fine inversion grid
     (``inversion_steps`` ≥ :data:`SDI_EXACT_INVERSION_STEPS`)."""
     name = guidance_cfg.name
     if name == "msd":
         sampler = guidance_cfg.get("sampler", "product_ode")
-        return name if sampler == "product_ode" else f"msd_{sampler}"
+        label = name if sampler == "product_ode" else f"msd_{sampler}"
+        return f"{label}_common" if guidance_cfg.get("start_noise", "fresh") == "common" else label
     if name == "vsd" and guidance_cfg.get("particle_model", "residual") == "ideal":
         return "vsd_ideal"
     if name == "sdi" and guidance_cfg.get("inversion", True) and \
