@@ -302,3 +302,21 @@ def test_inception_features_need_a_path(tmp_path, capsys, tiny_prior_dirs):
         reproduce(tmp_path, "--prior", "sd21", f"prior.path={prior}")
     assert exit_info.value.code == 2 and "task.eval.inception_path" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
+
+
+def test_msd_remedy_variants_change_one_thing_each():
+    """eval.msd_remedies: every MSD variant's composed config differs from the plain ``msd`` variant's in exactly the
+    field it names (and its run label says which row it is), so the study compares one change at a time."""
+    from eval.msd_remedies import VARIANTS, overrides_of
+
+    def flat(cfg) -> dict:
+        return pd.json_normalize(OmegaConf.to_container(cfg, resolve=True), sep=".").iloc[0].to_dict()
+
+    plain = flat(compose_run_config(overrides_of("msd", 0)))
+    changed = {"msd_common": {"guidance.start_noise"}, "msd_n4": {"guidance.num_samples"},
+               "msd_interval": {"guidance_interval"}}
+    for variant, fields in changed.items():
+        config = flat(compose_run_config(overrides_of(variant, 0)))
+        assert {key for key in plain if str(plain[key]) != str(config.get(key))} == fields, variant
+    assert method_label(compose_run_config(overrides_of("msd_common", 0)).guidance) == "msd_common"
+    assert set(VARIANTS) >= {"sds", "msd", *changed}
