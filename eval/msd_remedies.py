@@ -19,6 +19,10 @@ and scores every variant the same way; the criterion, stated before any run, is 
   ``msd_targets.png``;
 * ``sds`` — SDS on the same preset, the level to beat.
 
+Beside the scores, each run's RMS per pixel of x − y (its target's distance; ``grad_norm``/√d) at a few iterations
+says whether the generator settles onto its targets (a fixed point, small) or keeps chasing independent draws
+(the spread of single product samples, ~0.2–0.3 here).
+
 Preset (``STUDY_OVERRIDES``): ``experiment=table4_shapes`` with one image per prompt (12 images), 200 iterations
 (λ decays linearly from 12.2 over 200 iterations and stops below λ_min = 3.1, after ~150), evaluations every
 50 iterations against 16 DDIM samples per prompt; seeds 0..k−1 (``SEEDS``). Runs go to
@@ -70,6 +74,7 @@ SEEDS = {"sds": 2, "msd": 2, "msd_common": 2, "msd_n4": 1, "msd_interval": 2}
 """Seeds per variant (``msd_n4`` costs 4× the others: one seed)."""
 STUDY_OVERRIDES = ["experiment=table4_shapes", "task.images_per_prompt=1", "task.steps=200", "task.eval.every=50",
                    "task.eval.reference_per_prompt=16", "logger=none"]
+TRACKED_ITERATIONS = (1, 25, 50, 100)
 METRICS = ("prompt_accuracy", "mode_distance", "fid_true", "fid", "kid", "unet_evals_per_iter", "iterations",
            "ms_per_iter")
 RUNS_DIR = REPO_ROOT / "outputs" / "msd_remedies"
@@ -94,17 +99,26 @@ def run_all(runs_dir: Path, force: bool) -> None:
 
 
 def collect(runs_dir: Path) -> pd.DataFrame:
+    """One row per run: its final metrics and ``rms_x_minus_y_<k>``, the RMS per pixel of x − y (the target's
+    distance, ``grad_norm``/√d) at iterations ``TRACKED_ITERATIONS`` and at the last one (``final``)."""
     rows = []
     for variant in VARIANTS:
         for seed in range(SEEDS[variant]):
-            final = json.loads((runs_dir / variant / f"seed{seed}" / "final.json").read_text())
-            rows.append({"variant": variant, "seed": seed, **{k: final[k] for k in METRICS}})
+            run_dir = runs_dir / variant / f"seed{seed}"
+            final = json.loads((run_dir / "final.json").read_text())
+            steps = pd.read_csv(run_dir / "metrics.csv").dropna(subset=["grad_norm"]).set_index("iteration")
+            pixels = np.load(run_dir / "images.npz")["images"][0].size
+            rms = {f"rms_x_minus_y_{k}": steps.grad_norm.get(k, np.nan) / pixels**0.5 for k in TRACKED_ITERATIONS}
+            rows.append({"variant": variant, "seed": seed, **{k: final[k] for k in METRICS}, **rms,
+                         "rms_x_minus_y_final": final["grad_norm"] / pixels**0.5})
     return pd.DataFrame(rows)
 
 
 def summary(runs: pd.DataFrame) -> pd.DataFrame:
     grouped = runs.groupby("variant", sort=False)
     frame = grouped[list(METRICS)].mean()
+    rms = [column for column in runs if column.startswith("rms_x_minus_y_")]
+    frame[rms] = grouped[rms].mean()
     for metric in ("prompt_accuracy", "mode_distance", "fid_true", "fid"):
         frame[f"{metric}_std"] = grouped[metric].std(ddof=1)
     frame["seeds"] = grouped.size()
