@@ -63,14 +63,16 @@ reproduce-toy2d-studies: venv
 	$(PY) -m eval.toy2d_figures
 
 # Table 4 (text-to-2D FID vs iterations): PRIOR=sd21 (GPU node with the weights) or PRIOR=shapes (this CPU);
-# seeds 0..2 per method into outputs/table4/<prior>/<method>/seed<k>/; SEEDS="sdi=2 msd=2" overrides rows
+# seeds 0..2 per method into outputs/table4/<prior>/<method>/seed<k>/; SEEDS="sdi=2 msd=2 msd_common=2" overrides rows
 reproduce-table4: venv
 	$(PY) -m eval.reproduce_table4 --prior $(PRIOR) $(if $(INCEPTION),task.eval.inception_path=$(INCEPTION)) $(TABLE4_ARGS) $(if $(SEEDS),--seeds $(SEEDS))
 
 # What MSD and the inversion-based methods do on ShapesWorld images: the bandwidth rule, drift vs sample noise,
-# DDIM-inversion round trips and SDI target ranges with / without the prior's data range (~10 min, 1 thread)
+# DDIM-inversion round trips and SDI target ranges with / without the prior's data range (~10 min, 1 thread), then
+# what MSD needs beyond a true sampler (eval.msd_remedies: one change at a time on 12 images, ~30 min on 2 cores)
 reproduce-text2d-studies: venv
 	$(PY) -m eval.msd_images
+	$(PY) -m eval.msd_remedies
 
 reproduce-table4-quick: venv
 	$(PY) -m eval.reproduce_table4 --prior shapes --quick

@@ -2,8 +2,9 @@
 --prior shapes`` (``make reproduce-table4 PRIOR=shapes``).
 
 Rows (``GUIDANCES``): the DDIM reference (the prior's own samples of the same prompts) and the guidances SDS, VSD,
-SDI, MSD with its default product-ODE sampler (``msd``), with the Tweedie sampler (``msd_tweedie``) and with the
-stable sampler (eq. 15, ``msd_stable``). Each method runs the seeds 0..k−1 (``SEEDS``: 3 for every row, DDIM
+SDI, MSD with its default product-ODE sampler (``msd``), the same with common start noise (``msd_common``,
+chosen by ``eval.msd_remedies``), with the Tweedie sampler (``msd_tweedie``) and with the stable sampler (eq. 15,
+``msd_stable``). Each method runs the seeds 0..k−1 (``SEEDS``: 3 for every row, DDIM
 included; ``--seeds METHOD=K`` overrides), each one Hydra run ``python -m experiments.run experiment=<preset>
 guidance=<t2d_x> seed=<k> hydra.run.dir=<runs-dir>/<method>/seed<k>`` (presets: ``table4_shapes`` for
 ShapesWorld on this CPU, ``table4`` for Stable Diffusion 2.1-base / 1.5 on a GPU node, which also needs
