@@ -3,9 +3,10 @@ UNet forward faster, measured in one run on this CPU.
 
 ``python -m eval.bench_text2d`` (also ``make bench``) writes, atomically:
 
-* ``results/bench/text2d.csv`` — per method (sds, vsd, sdi, msd with the ``product_ode``, ``tweedie`` and
-  ``stable`` samplers; the guidances that ``experiments.text2d.build_setup`` builds from the composed config
-  ``experiment=table4_shapes guidance=t2d_<x>``, 12 prompts × 4 images, CFG w = 4) the wall time of one
+* ``results/bench/text2d.csv`` — per method (sds, vsd, sdi, msd with the ``product_ode`` sampler, fresh and common
+  start noise, the ``tweedie`` and the ``stable`` samplers; the guidances that ``experiments.text2d.build_setup``
+  builds from the composed config ``experiment=table4_shapes guidance=t2d_<x>``, 12 prompts × 4 images, CFG w = 4)
+  the wall time of one
   optimisation iteration (mean of ``--iters`` iterations after one warm-up iteration, which is excluded), split
   into ``unet_ms`` (inside ``prior.unet`` forwards, measured by forward pre/post hooks), ``guidance_overhead_ms``
   (the guidance call minus its UNet forwards: noise draws, solver arithmetic, CFG combination, DDIM inversion
@@ -16,6 +17,10 @@ UNet forward faster, measured in one run on this CPU.
   outside UNet forwards, and the projected minutes of a 400-iteration run. The UNet's achieved GFLOP/s
   (FLOPs of one forward by ``torch.utils.flop_counter.FlopCounterMode``, CPU flash attention included) sits
   beside this CPU's single-thread 2048² float32 matmul GFLOP/s, measured in the same run.
+* ``results/bench/text2d_unet_ops.csv`` — where one shipped CFG call's time goes, by kind of operator (self CPU time
+  of the aten ops under ``torch.profiler``, one call after a warm-up): convolutions, linear layers (addmm / mm /
+  bmm), attention (SDPA), normalisations, activations and the rest (copies, adds, resizes); with each kind's FLOPs
+  (``FlopCounterMode``) and GFLOP/s beside the matmul rate.
 * ``results/bench/text2d_unet.csv`` — one CFG call of the prior (``prior.denoiser(4).condition(cond).eps``, both
   halves in one forward, batch 96) on 48 images per UNet variant: ms (minimum of ``--calls`` calls after a
   warm-up call, the variants interleaved call by call so that they share the machine's load), GFLOP/s,
@@ -45,6 +50,7 @@ METHODS = {  # row name -> guidance preset and overrides
     "vsd": ("t2d_vsd", ()),
     "sdi": ("t2d_sdi", ()),
     "msd_product_ode": ("t2d_msd", ()),
+    "msd_common": ("t2d_msd_common", ()),
     "msd_tweedie": ("t2d_msd_tweedie", ()),
     "msd_stable": ("t2d_msd_stable", ()),
 }
@@ -186,6 +192,8 @@ def unet_variants(calls: int, compile_unet: bool, matmul: float) -> pd.DataFrame
          torch.channels_last, lambda: matmul_precision("medium")),
         ("channels_last+classic_attention", "diffusers AttnProcessor (baddbmm/softmax/bmm) instead of SDPA",
          torch.no_grad, torch.channels_last, lambda: classic_attention(prior)),
+        ("channels_last+bf16_autocast", "torch.autocast('cpu', dtype=torch.bfloat16) (this CPU has AVX512-BF16)",
+         torch.no_grad, torch.channels_last, lambda: torch.autocast("cpu", dtype=torch.bfloat16)),
         ("shipped", f"DiffusersPrior as it is now (memory_format={str(shipped).split('.')[-1]}), torch.no_grad",
          torch.no_grad, shipped, None),
     ]
@@ -232,6 +240,55 @@ def unet_variants(calls: int, compile_unet: bool, matmul: float) -> pd.DataFrame
     frame["fraction_of_matmul"] = (frame.gflop_per_s / matmul).round(3)
     frame["flops_conv_linear_attention"] = "/".join(f"{flops[k] / 1e9:.2f}" for k in ("conv", "linear", "attention"))
     frame["images"], frame["unet_batch"] = len(prompts), 2 * len(prompts)
+    return frame
+
+
+OP_KINDS = {  # aten op name fragment -> kind; the first match wins, unmatched ops are "other"
+    "convolution": "conv", "addmm": "linear", "aten::mm": "linear", "bmm": "linear",
+    "scaled_dot_product": "attention", "group_norm": "normalisation", "layer_norm": "normalisation",
+    "silu": "activation", "gelu": "activation",
+}
+FLOP_KIND = {"conv": "conv", "linear": "linear", "attention": "attention"}
+
+
+def unet_op_profile(matmul: float) -> pd.DataFrame:
+    """Self CPU time of one shipped CFG call (48 images, batch 96) by operator kind, with the kinds' FLOPs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from experiments.text2d import per_image_prompts
+    from msd.priors import load_prior
+
+    cfg = compose("t2d_sds")
+    prior = load_prior("shapes", device="cpu")
+    prompts = per_image_prompts(cfg.task)
+    denoiser = prior.denoiser(float(cfg.guidance_scale)).condition(prior.conditioning(prompts))
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(len(prompts), *prior.sample_shape, generator=generator) * 2
+    sigma = torch.exp(torch.empty(len(prompts)).uniform_(math.log(0.02), math.log(150.0), generator=generator))
+    with torch.no_grad():
+        flops = count_flops(lambda: denoiser.eps(x, sigma))
+        denoiser.eps(x, sigma)
+        with profile(activities=[ProfilerActivity.CPU]) as profiler:
+            denoiser.eps(x, sigma)
+    seconds: dict[str, float] = {}
+    for event in profiler.key_averages():
+        if not event.key.startswith("aten::"):
+            continue
+        kind = next((k for fragment, k in OP_KINDS.items() if fragment in event.key), "other")
+        seconds[kind] = seconds.get(kind, 0.0) + event.self_cpu_time_total / 1e6
+    total = sum(seconds.values())
+    rows = []
+    for kind in ("conv", "linear", "attention", "normalisation", "activation", "other"):
+        gflop = flops[FLOP_KIND[kind]] / 1e9 if kind in FLOP_KIND else 0.0
+        ms = 1e3 * seconds.get(kind, 0.0)
+        rows.append({"kind": kind, "ms": round(ms, 1), "fraction_of_call": round(ms / 1e3 / total, 3),
+                     "gflop": round(gflop, 3), "gflop_per_s": round(gflop / (ms / 1e3), 1) if gflop and ms else 0.0,
+                     "fraction_of_matmul": round(gflop / (ms / 1e3) / matmul, 3) if gflop and ms else 0.0})
+    rows.append({"kind": "total", "ms": round(1e3 * total, 1), "fraction_of_call": 1.0,
+                 "gflop": round(flops["total"] / 1e9, 3), "gflop_per_s": round(flops["total"] / 1e9 / total, 1),
+                 "fraction_of_matmul": round(flops["total"] / 1e9 / total / matmul, 3)})
+    frame = pd.DataFrame(rows)
+    frame["matmul_gflop_per_s"] = round(matmul, 1)
     return frame
 
 
@@ -344,6 +401,7 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant (~1-2 min)")
     parser.add_argument("--out", default="results/bench/text2d.csv")
     parser.add_argument("--unet-out", default="results/bench/text2d_unet.csv")
+    parser.add_argument("--ops-out", default="results/bench/text2d_unet_ops.csv")
     args = parser.parse_args()
     from experiments.io import write_csv
 
@@ -351,6 +409,9 @@ def main() -> None:
     start = time.perf_counter()
     matmul = matmul_gflops()
     print(f"matmul 2048^2 float32, 1 thread: {matmul:.1f} GFLOP/s", flush=True)
+    ops = unet_op_profile(matmul)
+    write_csv(args.ops_out, ops)
+    print(ops.to_string(index=False), flush=True)
     variants = unet_variants(args.calls, not args.no_compile, matmul)
     write_csv(args.unet_out, variants)
     flops_per_sample = float(variants.gflops_per_call.iloc[0]) * 1e9 / int(variants.unet_batch.iloc[0])
