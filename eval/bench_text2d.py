@@ -170,7 +170,9 @@ def swapped_unet(prior, unet):
         prior.unet = eager
 
 
-def unet_variants(calls: int, compile_unet: bool, matmul: float) -> pd.DataFrame:
+def cfg_call():
+    """The prior and one CFG call of the protocol: ``prior.denoiser(w).condition(prompts).eps`` on the 48 images
+    (both halves in one forward, batch 96) at log-uniform σ ∈ [0.02, 150]; (prior, call, number of images)."""
     from experiments.text2d import per_image_prompts
     from msd.priors import load_prior
 
@@ -181,7 +183,11 @@ def unet_variants(calls: int, compile_unet: bool, matmul: float) -> pd.DataFrame
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(len(prompts), *prior.sample_shape, generator=generator) * 2
     sigma = torch.exp(torch.empty(len(prompts)).uniform_(math.log(0.02), math.log(150.0), generator=generator))
-    call = lambda: denoiser.eps(x, sigma)  # noqa: E731
+    return prior, lambda: denoiser.eps(x, sigma), len(prompts)
+
+
+def unet_variants(calls: int, compile_unet: bool, matmul: float) -> pd.DataFrame:
+    prior, call, images = cfg_call()
     contiguous, shipped = torch.contiguous_format, prior.memory_format
     variants = [
         ("baseline", "contiguous weights and input (as loaded), torch.no_grad", torch.no_grad, contiguous, None),
@@ -239,7 +245,7 @@ def unet_variants(calls: int, compile_unet: bool, matmul: float) -> pd.DataFrame
     frame["matmul_gflop_per_s"] = round(matmul, 1)
     frame["fraction_of_matmul"] = (frame.gflop_per_s / matmul).round(3)
     frame["flops_conv_linear_attention"] = "/".join(f"{flops[k] / 1e9:.2f}" for k in ("conv", "linear", "attention"))
-    frame["images"], frame["unet_batch"] = len(prompts), 2 * len(prompts)
+    frame["images"], frame["unet_batch"] = images, 2 * images
     return frame
 
 
@@ -255,21 +261,12 @@ def unet_op_profile(matmul: float) -> pd.DataFrame:
     """Self CPU time of one shipped CFG call (48 images, batch 96) by operator kind, with the kinds' FLOPs."""
     from torch.profiler import ProfilerActivity, profile
 
-    from experiments.text2d import per_image_prompts
-    from msd.priors import load_prior
-
-    cfg = compose("t2d_sds")
-    prior = load_prior("shapes", device="cpu")
-    prompts = per_image_prompts(cfg.task)
-    denoiser = prior.denoiser(float(cfg.guidance_scale)).condition(prior.conditioning(prompts))
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(len(prompts), *prior.sample_shape, generator=generator) * 2
-    sigma = torch.exp(torch.empty(len(prompts)).uniform_(math.log(0.02), math.log(150.0), generator=generator))
+    _, call, _ = cfg_call()
     with torch.no_grad():
-        flops = count_flops(lambda: denoiser.eps(x, sigma))
-        denoiser.eps(x, sigma)
+        flops = count_flops(call)
+        call()
         with profile(activities=[ProfilerActivity.CPU]) as profiler:
-            denoiser.eps(x, sigma)
+            call()
     seconds: dict[str, float] = {}
     for event in profiler.key_averages():
         if not event.key.startswith("aten::"):
