@@ -31,6 +31,10 @@ at a time; ``results/table4/shapes/msd_remedies.csv`` gets one row per run and `
 mean ± std per variant; ``msd_remedies.png`` shows every variant's final images (seed 0).
 ``python -m eval.msd_remedies`` (~30 minutes on 2 cores).
 
+The same change on the toy, where MSD with fresh noise already works (``TOY_OVERRIDES``: the exact class-A
+denoiser, unguided, the toy's MSD preset): ``results/toy2d/start_noise.csv`` (final NLL and in-HDR fraction of
+the 4096 particles, fresh against common start noise; ~3 minutes).
+
 ``--protocol`` then runs the chosen variant as the Table 4 row ``msd_common`` (``guidance=t2d_msd_common``) under the
 table's own preset and seeds (``experiment=table4_shapes``: 12 prompts × 4 images, 400 iterations; seeds 0..1, as
 the other MSD rows) into the table's run directory (``outputs/table4/shapes/msd_common/seed<k>``, which ``make
@@ -143,6 +147,27 @@ def variants_figure(runs_dir: Path) -> Figure:
     return figure
 
 
+TOY_VARIANTS = {"msd": [], "msd_common": ["guidance.start_noise=common"]}
+TOY_OVERRIDES = ["experiment=toy2d", "guidance=msd", "denoiser=exact", "guidance_scale=1", "logger=none"]
+TOY_METRICS = ("nll", "nll_median", "in_hdr", "steps", "nfe")
+
+
+def toy_check(runs_dir: Path, force: bool) -> pd.DataFrame:
+    """Fresh against common start noise for MSD on the toy (exact denoiser, unguided): final metrics per variant."""
+    jobs = {variant: (runs_dir / "toy" / variant, [*TOY_OVERRIDES, *extra]) for variant, extra in TOY_VARIANTS.items()}
+    commands = []
+    for run_dir, overrides in jobs.values():
+        if force or not is_done(run_dir, overrides):
+            prepare_rerun(run_dir, overrides, force)
+            commands.append([sys.executable, "-m", "experiments.run", *overrides, f"hydra.run.dir={run_dir}"])
+    run_processes(commands, workers=2)
+    rows = []
+    for variant, (run_dir, _) in jobs.items():
+        final = json.loads((run_dir / "final.json").read_text())
+        rows.append({"variant": variant, **{k: final.get(k) for k in TOY_METRICS}})
+    return pd.DataFrame(rows)
+
+
 PROTOCOL_METHOD, PROTOCOL_SEEDS = "msd_common", 2
 
 
@@ -179,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs-dir", type=Path, default=RUNS_DIR)
     parser.add_argument("--out-dir", type=Path, default=OUT_DIR)
     parser.add_argument("--force", action="store_true", help="rerun finished runs")
+    parser.add_argument("--toy-out", type=Path, default=REPO_ROOT / "results" / "toy2d" / "start_noise.csv")
     parser.add_argument("--protocol", action="store_true",
                         help="then run the msd_common row under the Table 4 preset (module docstring)")
     parser.add_argument("--table-runs-dir", type=Path, default=default_runs_dir("shapes"))
@@ -190,6 +216,9 @@ def main(argv: list[str] | None = None) -> None:
     write_csv(args.out_dir / "msd_remedies_summary.csv", table)
     save_figure(args.out_dir / "msd_remedies.png", variants_figure(args.runs_dir))
     print(table.to_string(index=False))
+    toy = toy_check(args.runs_dir, args.force)
+    write_csv(args.toy_out, toy)
+    print(toy.to_string(index=False))
     if args.protocol:
         print(protocol_results(run_protocol(args.table_runs_dir, args.force), args.out_dir))
 

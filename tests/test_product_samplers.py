@@ -383,3 +383,22 @@ def test_schedule_time_inverts_sigma(schedule):
     assert ((schedule.sigma(schedule.time(sigma)) - sigma).abs() / sigma).max() <= 1e-9
     edges = schedule.time(torch.tensor([0.0, schedule.sigma_min / 2, schedule.sigma_max * 2], dtype=torch.float64))
     assert edges.tolist() == [0.0, 0.0, 1.0]
+
+
+def test_common_noise_fixed_point_is_offset_from_a_gaussian_mode():
+    """Why common noise is biased: for data N(μ, w²I) the product ṗ(·|x) = N(m, s²I), m = (w²x + λ²μ)/(w² + λ²),
+    s = λw/√(w² + λ²), and the PF-ODE from x + σ_max ε is the affine map y = m + c(x − m + σ_max ε),
+    c = s/√(s² + σ_max²). Iterating x ← y(x) with one reused ε therefore converges to
+    x* − μ = c σ_max ε / ((1 − c)(1 − a)), a = w²/(w² + λ²) (≈ ε w√(w² + λ²)/λ), not to the mode μ, while the
+    fresh-noise mean E[y] = m has its fixed point at μ. Checked against the closed form (exact denoiser, Heun 33)."""
+    mu, w, lam = torch.tensor([[0.3, -0.2]], dtype=torch.float64), 0.05, 0.03
+    mixture = GaussianMixture(torch.ones(1, dtype=torch.float64), mu, (w**2 * torch.eye(2, dtype=torch.float64))[None])
+    guidance = MSDGuidance(ExactDenoiser(mixture), solver_steps=33, start_noise="common")
+    x = torch.zeros(1, 2, dtype=torch.float64)
+    for _ in range(80):
+        x = guidance.product_samples(x, lam, seeded(0))[0]
+    a, s, sigma_max = w**2 / (w**2 + lam**2), lam * w / math.sqrt(w**2 + lam**2), TOY_SCHEDULE.sigma_max
+    c = s / math.sqrt(s**2 + sigma_max**2)
+    expected = mu + c * sigma_max * guidance.common_noise / ((1 - c) * (1 - a))
+    assert torch.allclose(x, expected, rtol=0, atol=0.02 * (expected - mu).norm()), (x, expected)
+    assert (x - mu).norm() > 2 * w  # the offset is several mode widths here (λ < w)
