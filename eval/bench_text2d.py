@@ -254,7 +254,6 @@ OP_KINDS = {  # aten op name fragment -> kind; the first match wins, unmatched o
     "scaled_dot_product": "attention", "group_norm": "normalisation", "layer_norm": "normalisation",
     "silu": "activation", "gelu": "activation",
 }
-FLOP_KIND = {"conv": "conv", "linear": "linear", "attention": "attention"}
 
 
 def unet_op_profile(matmul: float) -> pd.DataFrame:
@@ -276,7 +275,7 @@ def unet_op_profile(matmul: float) -> pd.DataFrame:
     total = sum(seconds.values())
     rows = []
     for kind in ("conv", "linear", "attention", "normalisation", "activation", "other"):
-        gflop = flops[FLOP_KIND[kind]] / 1e9 if kind in FLOP_KIND else 0.0
+        gflop = flops.get(kind, 0.0) / 1e9  # count_flops has conv, linear and attention
         ms = 1e3 * seconds.get(kind, 0.0)
         rows.append({"kind": kind, "ms": round(ms, 1), "fraction_of_call": round(ms / 1e3 / total, 3),
                      "gflop": round(gflop, 3), "gflop_per_s": round(gflop / (ms / 1e3), 1) if gflop and ms else 0.0,

@@ -46,14 +46,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from eval.processes import is_done, prepare_rerun, run_processes
+from eval.processes import run_missing
 from eval.reproduce_table4 import (
     TARGET_METHOD,
     aggregate,
@@ -92,14 +91,7 @@ def overrides_of(variant: str, seed: int) -> list[str]:
 
 def run_all(runs_dir: Path, force: bool) -> None:
     plan = sorted(((v, s) for v in VARIANTS for s in range(SEEDS[v])), key=lambda job: COST_ORDER.index(job[0]))
-    commands = []
-    for variant, seed in plan:
-        run_dir, overrides = runs_dir / variant / f"seed{seed}", overrides_of(variant, seed)
-        if not force and is_done(run_dir, overrides):
-            continue
-        prepare_rerun(run_dir, overrides, force)
-        commands.append([sys.executable, "-m", "experiments.run", *overrides, f"hydra.run.dir={run_dir}"])
-    run_processes(commands, workers=2)
+    run_missing([(runs_dir / variant / f"seed{seed}", overrides_of(variant, seed)) for variant, seed in plan], force)
 
 
 def collect(runs_dir: Path) -> pd.DataFrame:
@@ -155,12 +147,7 @@ TOY_METRICS = ("nll", "nll_median", "in_hdr", "steps", "nfe")
 def toy_check(runs_dir: Path, force: bool) -> pd.DataFrame:
     """Fresh against common start noise for MSD on the toy (exact denoiser, unguided): final metrics per variant."""
     jobs = {variant: (runs_dir / "toy" / variant, [*TOY_OVERRIDES, *extra]) for variant, extra in TOY_VARIANTS.items()}
-    commands = []
-    for run_dir, overrides in jobs.values():
-        if force or not is_done(run_dir, overrides):
-            prepare_rerun(run_dir, overrides, force)
-            commands.append([sys.executable, "-m", "experiments.run", *overrides, f"hydra.run.dir={run_dir}"])
-    run_processes(commands, workers=2)
+    run_missing(list(jobs.values()), force)
     rows = []
     for variant, (run_dir, _) in jobs.items():
         final = json.loads((run_dir / "final.json").read_text())
@@ -173,13 +160,8 @@ PROTOCOL_METHOD, PROTOCOL_SEEDS = "msd_common", 2
 
 def run_protocol(runs_dir: Path, force: bool) -> list:
     """The ``msd_common`` row's seeds under the Table 4 preset, in the table's run directory; their runs."""
-    commands = []
-    for seed in range(PROTOCOL_SEEDS):
-        run_dir, overrides = run_dir_of(runs_dir, PROTOCOL_METHOD, seed), run_overrides("shapes", PROTOCOL_METHOD, [], seed)
-        if force or not is_done(run_dir, overrides):
-            prepare_rerun(run_dir, overrides, force)
-            commands.append([sys.executable, "-m", "experiments.run", *overrides, f"hydra.run.dir={run_dir}"])
-    run_processes(commands, workers=2)
+    run_missing([(run_dir_of(runs_dir, PROTOCOL_METHOD, seed), run_overrides("shapes", PROTOCOL_METHOD, [], seed))
+                 for seed in range(PROTOCOL_SEEDS)], force)
     return [load_run(run_dir_of(runs_dir, PROTOCOL_METHOD, seed)) for seed in range(PROTOCOL_SEEDS)]
 
 

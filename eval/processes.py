@@ -62,6 +62,18 @@ def run_processes(commands: list[list[str]], workers: int) -> None:
         raise RuntimeError("runs failed:\n" + "\n".join(failed))
 
 
+def run_missing(jobs: list[tuple[Path, list[str]]], force: bool, workers: int = 2) -> None:
+    """Every ``(run_dir, overrides)`` that is not :func:`is_done` (all with ``force``), as
+    ``python -m experiments.run <overrides> hydra.run.dir=<run_dir>`` processes, ``workers`` at a time, in order;
+    an interrupted run resumes from its checkpoint (:func:`prepare_rerun`)."""
+    commands = []
+    for run_dir, overrides in jobs:
+        if force or not is_done(run_dir, overrides):
+            prepare_rerun(run_dir, overrides, force)
+            commands.append([sys.executable, "-m", "experiments.run", *overrides, f"hydra.run.dir={run_dir}"])
+    run_processes(commands, workers)
+
+
 def _run_in_worker(overrides: list[str], run_dir: str) -> str | None:
     """One run, in-process (``experiments.run.run``); the traceback if it failed."""
     from experiments.run import run
